@@ -1,0 +1,241 @@
+"""Typed configuration: one dataclass per component, YAML recipes, dotted command-line overrides.
+
+    cfg = load_config("examples/tiny_cpu.yaml", ["parallel.tp_size=2", "train.steps=5"])
+
+Every field has a default and a one-line doc (`field_doc`). Unknown keys, wrong types and
+impossible combinations raise `ConfigError` naming the key and the fix. `save_config` writes the
+resolved config into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from papo_mega.errors import ConfigError
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A dataclass field with a default and its one-line documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    """The language model's architecture (the vision tower joins in a later component)."""
+
+    num_layers: int = _f(4, "Transformer layers in the language model.")
+    hidden_size: int = _f(64, "Width of the residual stream.")
+    ffn_hidden_size: int = _f(128, "Inner width of the SwiGLU MLP.")
+    num_attention_heads: int = _f(4, "Query heads per layer.")
+    num_query_groups: int = _f(2, "Key/value heads (grouped-query attention); equal to heads for MHA.")
+    vocab_size: int = _f(128, "Vocabulary size before padding for tensor parallelism.")
+    max_seq_len: int = _f(256, "Longest sequence the rotary tables are built for.")
+    tie_embeddings: bool = _f(False, "Share the input embedding and the output layer.")
+    rotary_base: float = _f(10000.0, "Base of the rotary position frequencies.")
+    norm_eps: float = _f(1e-6, "RMSNorm epsilon.")
+    precision: str = _f("fp32", "Parameter and compute precision: fp32 | bf16.")
+    init_std: float = _f(0.02, "Standard deviation of the normal weight initialisation.")
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="
+                f"{self.num_attention_heads}; change one of them"
+            )
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"model.num_query_groups={self.num_query_groups}; pick a divisor of the head count"
+            )
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"model.precision={self.precision!r} is not one of fp32, bf16")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and batch are split across ranks; dp is derived from the world size."""
+
+    tp_size: int = _f(1, "Tensor-parallel degree (splits each layer's matrices).")
+    pp_size: int = _f(1, "Pipeline-parallel degree (splits the layers into stages).")
+    vpp_size: int | None = _f(None, "Virtual pipeline chunks per pipeline rank (interleaved 1F1B); null for off.")
+    cp_size: int = _f(1, "Context-parallel degree (reserved; must be 1).")
+    use_distributed_optimizer: bool = _f(True, "Shard optimizer states across data-parallel ranks.")
+    timeout_s: float = _f(600.0, "Seconds a collective may wait before the job fails instead of hanging.")
+
+    def layout_sizes(self) -> dict:
+        return {"tp_size": self.tp_size, "pp_size": self.pp_size, "vpp_size": self.vpp_size, "cp_size": self.cp_size}
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and batching."""
+
+    steps: int = _f(10, "Optimizer steps to run.")
+    seq_len: int = _f(32, "Tokens per training sequence.")
+    micro_batch_size: int = _f(2, "Sequences per micro-batch on one data-parallel rank.")
+    global_batch_size: int = _f(8, "Sequences per optimizer step, across all data-parallel ranks.")
+    lr: float = _f(3e-3, "Peak learning rate (AdamW).")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this value (0 for off).")
+    seed: int = _f(1234, "Seed for initialisation and data.")
+    log_every: int = _f(1, "Print metrics every this many steps.")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}; make it one"
+            )
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and what it is called."""
+
+    run_dir: str = _f("runs/default", "Directory for the resolved config, checkpoints and logs.")
+    name: str = _f("default", "Run name shown in logs.")
+
+
+@dataclass
+class Config:
+    """The whole job: one section per component."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Model architecture."})
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "Parallel layout."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Optimisation and batching."})
+    run: RunConfig = field(default_factory=RunConfig, metadata={"doc": "Run directory and name."})
+
+    def check(self, world_size: int) -> None:
+        """Cross-component checks that need the world size (raises ConfigError / LayoutError)."""
+        from papo_mega.distributed.layout import ParallelLayout
+
+        layout = ParallelLayout(world_size=world_size, **self.parallel.layout_sizes())
+        m = self.model
+        layout.check_model(
+            num_layers=m.num_layers,
+            num_attention_heads=m.num_attention_heads,
+            num_query_groups=m.num_query_groups,
+            vocab_size=m.vocab_size,
+        )
+        per_step = self.train.micro_batch_size * layout.dp_size
+        if self.train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"micro_batch_size*dp = {self.train.micro_batch_size}*{layout.dp_size}; adjust one of them"
+            )
+        micro_batches = self.train.global_batch_size // per_step
+        if layout.vpp_size and layout.vpp_size > 1 and micro_batches % layout.pp_size:
+            raise ConfigError(
+                f"interleaved pipelining needs micro-batches ({micro_batches}) divisible by pp_size="
+                f"{layout.pp_size}; change train.global_batch_size"
+            )
+
+
+def field_doc(section: type, name: str) -> str:
+    """The one-line documentation of a config field."""
+    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(section)}[name]
+
+
+def _check_value(key: str, value: Any, annotation: Any) -> Any:
+    """Coerce a YAML value to the field's type or raise ConfigError naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        inner = [a for a in options if a is not type(None)]
+        return _check_value(key, value, inner[0])
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, str, bool) and type(value) is annotation:
+        return value
+    if origin in (list, dict) and isinstance(value, origin):
+        return value
+    expected = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{key}={value!r} should be of type {expected}; fix the value in the YAML or override")
+
+
+def _build(section_cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(section_cls)
+    names = [f.name for f in dataclasses.fields(section_cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            fix = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'; {fix}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{prefix}{key}' is a section; give it as a mapping of its keys")
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_value(f"{prefix}{key}", value, hint)
+    return section_cls(**kwargs)
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply 'a.b=value' strings to a nested dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or the defaults), apply overrides and validate every section."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a YAML recipe such as examples/tiny_cpu.yaml")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix the file") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, parallel:, ...)")
+    apply_overrides(tree, overrides or [])
+    try:
+        return _build(Config, tree, "")
+    except TypeError as err:  # a dataclass rejected its arguments in a way _build did not foresee
+        raise ConfigError(f"invalid config: {err}") from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, run_dir: str | Path) -> Path:
+    """Write the resolved config as YAML into the run directory (atomically)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.yaml"
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(target)
+    return target

@@ -1,0 +1,106 @@
+"""The decoder language model on megatron-core: `TransformerConfig` and `GPTModel` chunks.
+
+On CPU (and whenever Transformer Engine is absent) the local layer spec is used, with fusions
+off and fp32; parameters are initialised on the CPU so that every layout draws the same weights
+from the same seed (megatron's CPU initialisation builds the full matrix and keeps this rank's
+slice).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from papo_mega.config import ModelConfig
+from papo_mega.distributed.runtime import ParallelGroups
+from papo_mega.models.init import apply_layout_invariant_init
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_transformer_config(model: ModelConfig, groups: ParallelGroups):
+    """megatron-core's TransformerConfig for this model at this layout."""
+    from megatron.core.transformer import TransformerConfig
+
+    layout = groups.layout
+    on_cpu = groups.device.type == "cpu"
+    dtype = _DTYPES[model.precision]
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        tensor_model_parallel_size=layout.tp_size,
+        pipeline_model_parallel_size=layout.pp_size,
+        virtual_pipeline_model_parallel_size=layout.vpp_size,
+        context_parallel_size=layout.cp_size,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        init_method_std=model.init_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Same weights at every layout: initialise the full matrix on CPU, keep our slice.
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        # The token-mean over the whole global batch is done by finalize_model_grads (exact
+        # under any number of micro-batches and DP ranks), not by dividing per micro-batch.
+        calculate_per_token_loss=True,
+        # Fused kernels need CUDA (and apex/TE); the local path is plain torch.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=not on_cpu,
+        deallocate_pipeline_outputs=not on_cpu,
+        # gloo matches messages between one pair of ranks in posting order. Batched p2p posts
+        # send_prev before send_next, so with pp=2 (prev == next) interleaved schedules swap
+        # activations and gradients of equal shape silently; unbatched p2p uses one group per
+        # direction and stays exact.
+        batch_p2p_comm=not on_cpu,
+    )
+
+
+def build_gpt_chunks(model: ModelConfig, groups: ParallelGroups, seed: int = 1234) -> list[torch.nn.Module]:
+    """This rank's model chunks: one per virtual pipeline stage (a list of one without VPP).
+
+    Weights are the same at every layout for the same seed (`apply_layout_invariant_init`).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    groups.layout.check_model(
+        num_layers=model.num_layers,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        vocab_size=model.vocab_size,
+    )
+    config = build_transformer_config(model, groups)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    chunks = []
+    for vp_stage in range(groups.layout.virtual_chunks):
+        stage = vp_stage if groups.layout.vpp_size else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=model.vocab_size,
+            max_sequence_length=model.max_seq_len,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(model.rotary_base),
+            vp_stage=stage,
+        )
+        chunks.append(chunk.to(groups.device))
+    apply_layout_invariant_init(chunks, groups, seed, model.init_std, model.num_layers)
+    return chunks

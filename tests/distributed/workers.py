@@ -1,0 +1,78 @@
+"""Worker functions for the multi-process tests (module-level so spawn can pickle them).
+
+Every worker builds the same tiny GPT from the same seed at the layout it is given and returns,
+on global rank 0, plain tensors for the parent test to compare with a single-process run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from papo_mega.config import ModelConfig, TrainConfig
+from papo_mega.distributed import init_distributed
+from papo_mega.distributed.sharding import gather_full_tensors
+from papo_mega.lm_step import forward_backward, make_lm_batch, split_microbatches, train_step
+from papo_mega.models.gpt import build_gpt_chunks
+from papo_mega.optim import attach_grad_finalisation, build_optimizer, wrap_ddp
+
+TINY_MODEL = dict(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                  num_query_groups=2, vocab_size=64, max_seq_len=64)
+TINY_TRAIN = dict(seq_len=16, micro_batch_size=2, global_batch_size=8, lr=1e-2, grad_clip=1.0, seed=7)
+
+
+def _setup(layout: dict, model: dict, distopt: bool = False, breakage: str | None = None):
+    groups = init_distributed(layout, seed=1234)
+    if breakage:
+        _break(breakage)
+    model_cfg = ModelConfig(**{**TINY_MODEL, **model})
+    chunks = wrap_ddp(build_gpt_chunks(model_cfg, groups), groups, use_distributed_optimizer=distopt)
+    attach_grad_finalisation(chunks)
+    return groups, model_cfg, chunks
+
+
+def _break(what: str) -> None:
+    """Deliberately remove one reduction, to show the equivalence tests catch it."""
+    if what == "tp_allreduce":
+        from megatron.core.tensor_parallel import layers
+
+        layers.reduce_from_tensor_model_parallel_region = lambda x, group=None: x
+    elif what == "dp_grad_sync":
+        from megatron.core.distributed import DistributedDataParallel
+
+        DistributedDataParallel.finish_grad_sync = lambda self, *a, **k: None
+    else:
+        raise ValueError(what)
+
+
+def loss_and_grads(layout: dict, model: dict | None = None, train: dict | None = None, breakage: str | None = None):
+    """Global token-mean loss and full gradients for one global batch."""
+    groups, model_cfg, chunks = _setup(layout, model or {}, breakage=breakage)
+    train_cfg = TrainConfig(**{**TINY_TRAIN, **(train or {})})
+    batch = make_lm_batch(train_cfg.global_batch_size, train_cfg.seq_len, model_cfg.vocab_size, train_cfg.seed, 0)
+    loss = forward_backward(chunks, split_microbatches(batch, groups, train_cfg.micro_batch_size), groups)
+    grads = gather_full_tensors(chunks, groups, kind="grad")
+    return {"loss": loss, "grads": grads, "layout": groups.layout.describe()} if dist.get_rank() == 0 else None
+
+
+def train_weights(layout: dict, steps: int, distopt: bool, model: dict | None = None, train: dict | None = None,
+                  breakage: str | None = None):
+    """Losses of `steps` optimizer steps and the full weights after them; checks DP replicas agree."""
+    groups, model_cfg, chunks = _setup(layout, model or {}, distopt=distopt, breakage=breakage)
+    train_cfg = TrainConfig(**{**TINY_TRAIN, **(train or {})})
+    optimizer = build_optimizer(chunks, train_cfg, use_distributed_optimizer=distopt)
+    losses = []
+    for step in range(steps):
+        batch = make_lm_batch(train_cfg.global_batch_size, train_cfg.seq_len, model_cfg.vocab_size, train_cfg.seed, step)
+        losses.append(train_step(chunks, optimizer, batch, groups, train_cfg.micro_batch_size)["loss"])
+    weights = gather_full_tensors(chunks, groups, kind="param")
+    # Replicas on other DP ranks must hold the very same weights (nanotron's sanity check).
+    replica_max_diff = 0.0
+    for chunk in chunks:
+        for param in chunk.parameters():
+            copies = [torch.empty_like(param) for _ in range(groups.layout.dp_size)]
+            dist.all_gather(copies, param.detach().contiguous(), group=groups.dp)
+            replica_max_diff = max(replica_max_diff, max((c - copies[0]).abs().max().item() for c in copies))
+    if dist.get_rank() != 0:
+        return None
+    return {"losses": losses, "weights": weights, "replica_max_diff": replica_max_diff}
