@@ -9,6 +9,9 @@ inference context run on CPU. What is redirected, and why:
   counters, p2p receive buffers, DDP grad buffers use ``torch.cuda.current_device()``): a
   `TorchFunctionMode` rewrites the ``device`` argument (and ``Tensor.to``'s device) to cpu.
 * ``Tensor.cuda()`` / ``Module.cuda()``: identity (tensors and modules already live on cpu).
+* ``Tensor.type()`` without arguments names CPU tensors as their CUDA twins
+  ('torch.cuda.FloatTensor'): the distributed optimizer and grad clipping dispatch on those
+  strings. Conversions given a 'torch.cuda.*' string convert to the CPU type.
 * ``torch.cuda.current_device()`` -> 0 (feeds the device rewrite above);
   ``torch.cuda.synchronize()`` -> no-op.
 * The CUDA RNG state behind ``megatron.core.tensor_parallel.random`` (the model-parallel RNG
@@ -53,7 +56,20 @@ class _CpuDeviceMode(TorchFunctionMode):
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if func is torch.Tensor.to and len(args) > 1:
             args = (args[0], _to_cpu_device(args[1]), *args[2:])
+        if func is torch.Tensor.type:
+            return _tensor_type(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _tensor_type(tensor, dtype=None, *args, **kwargs):
+    """``Tensor.type()`` as megatron reads it: the optimizer and grad clipping check for the
+    strings 'torch.cuda.FloatTensor' etc., meaning "a float tensor on the accelerator"."""
+    if dtype is None:
+        name = torch.Tensor.type(tensor)
+        return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+    if isinstance(dtype, str):
+        dtype = dtype.replace("torch.cuda.", "torch.", 1)
+    return torch.Tensor.type(tensor, dtype, *args, **kwargs)
 
 
 def _install_cpu_rng_tracker() -> None:

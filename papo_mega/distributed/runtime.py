@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,9 @@ def init_distributed(
     layout_sizes holds tp_size / pp_size / vpp_size (world size comes from the launcher).
     On a machine without CUDA this also switches on the CPU mode (gloo backend).
     """
+    # apex and Transformer Engine are optional here by design; megatron warns at every import.
+    warnings.filterwarnings("ignore", message=r".*(Apex|apex|Transformer Engine).*not installed.*")
+    warnings.filterwarnings("ignore", message=r"full scope is deprecated.*")
     launch = launch or detect_launch()
     layout = ParallelLayout(world_size=launch.world_size, **(layout_sizes or {}))
     backend = backend or default_backend()
