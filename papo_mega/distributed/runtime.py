@@ -103,6 +103,18 @@ def _init_process_group(launch: LaunchInfo, backend: str, timeout_s: float) -> N
         raise
 
 
+def _quiet_known_warnings() -> None:
+    """Silence warnings that are expected here and say nothing a user can act on."""
+    for pattern in (
+        r".*(Apex|apex|Transformer Engine).*not installed.*",  # optional by design
+        r"full scope is deprecated.*",  # megatron's own default for cuda_graph_scope
+        r".*CUDA_DEVICE_MAX_CONNECTIONS.*",  # GPU tuning hint, printed on CPU too
+        r".*(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated.*",  # megatron 0.16 vs torch 2.13 names
+        r"The .grad attribute of a Tensor that is not a leaf.*",  # megatron's schedule probes it
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def init_distributed(
     layout_sizes: dict | None = None,
     *,
@@ -116,9 +128,7 @@ def init_distributed(
     layout_sizes holds tp_size / pp_size / vpp_size (world size comes from the launcher).
     On a machine without CUDA this also switches on the CPU mode (gloo backend).
     """
-    # apex and Transformer Engine are optional here by design; megatron warns at every import.
-    warnings.filterwarnings("ignore", message=r".*(Apex|apex|Transformer Engine).*not installed.*")
-    warnings.filterwarnings("ignore", message=r"full scope is deprecated.*")
+    _quiet_known_warnings()
     launch = launch or detect_launch()
     layout = ParallelLayout(world_size=launch.world_size, **(layout_sizes or {}))
     backend = backend or default_backend()

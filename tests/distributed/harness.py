@@ -61,7 +61,8 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 18
     results = ctx.Queue()
     port = find_free_port()
     procs = [
-        ctx.Process(target=_worker, args=(fn, rank, world_size, port, args, env or {}, results), daemon=True)
+        # Not daemonic: like a real launcher's ranks, workers may start children (checkpoint writers).
+        ctx.Process(target=_worker, args=(fn, rank, world_size, port, args, env or {}, results))
         for rank in range(world_size)
     ]
     for proc in procs:

@@ -76,3 +76,64 @@ def train_weights(layout: dict, steps: int, distopt: bool, model: dict | None = 
     if dist.get_rank() != 0:
         return None
     return {"losses": losses, "weights": weights, "replica_max_diff": replica_max_diff}
+
+
+def _full_logits(chunks, groups, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Full-vocabulary logits of the last stage (gathered over TP), via the forward-only schedule."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
+
+    def forward_step(data_iterator, model):
+        next(data_iterator)
+        logits = model(tokens, positions, attention_mask=None)
+
+        def collect(output):
+            full = gather_from_tensor_model_parallel_region(output)
+            return full.sum() * 0.0, {"logits": full.detach()}
+
+        return logits, collect
+
+    n = len(chunks)
+    iterators = [iter([None]) for _ in range(n)]
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators if n > 1 else iterators[0],
+        model=chunks if n > 1 else chunks[0], num_microbatches=1, seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0], forward_only=True,
+    )
+    return out[0]["logits"] if out else None
+
+
+def _logits_to_rank0(logits, groups) -> torch.Tensor | None:
+    """Bring the last stage's logits to global rank 0."""
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, logits if groups.tp_rank == 0 else None)
+    found = [g for g in gathered if g is not None]
+    return found[0] if found else None
+
+
+def save_after_training(layout: dict, directory: str):
+    """Train one step (so weights differ from any init), save, return logits on a probe batch."""
+    from papo_mega.checkpoint import save_model
+
+    groups, model_cfg, chunks = _setup(layout, {})
+    train_cfg = TrainConfig(**TINY_TRAIN)
+    optimizer = build_optimizer(chunks, train_cfg, use_distributed_optimizer=False)
+    batch = make_lm_batch(train_cfg.global_batch_size, train_cfg.seq_len, model_cfg.vocab_size, 3, 0)
+    train_step(chunks, optimizer, batch, groups, train_cfg.micro_batch_size)
+    save_model(chunks, directory)
+    probe = make_lm_batch(2, 12, model_cfg.vocab_size, 99, 0)[:, :-1]
+    return _logits_to_rank0(_full_logits(chunks, groups, probe), groups)
+
+
+def load_and_probe(layout: dict, directory: str):
+    """Build the model with a different seed, load the checkpoint, return logits on the probe batch."""
+    from papo_mega.checkpoint import load_model
+
+    groups = init_distributed(layout, seed=4321)
+    model_cfg = ModelConfig(**TINY_MODEL)
+    chunks = build_gpt_chunks(model_cfg, groups, seed=4321)
+    load_model(chunks, directory)
+    probe = make_lm_batch(2, 12, model_cfg.vocab_size, 99, 0)[:, :-1]
+    return _logits_to_rank0(_full_logits(chunks, groups, probe), groups)

@@ -1,0 +1,42 @@
+"""Model checkpoints in megatron-core's distributed format (reshardable across layouts).
+
+Every rank writes only its shards; the stored tensors are keyed by global names with global
+offsets, so a checkpoint written at TP2xPP2 loads at TP1, PP2 or any other layout.
+(The full training checkpoint - optimizer, data position, RNG - builds on this.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from papo_mega.errors import PapoError
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def model_sharded_state_dict(chunks) -> dict:
+    """All chunks' sharded state dicts; the chunk index only names the entry, storage is by global key."""
+    return {f"chunk{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_model(chunks, directory: str | Path) -> None:
+    """Write the model's shards from every rank (collective: all ranks must call it)."""
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model_sharded_state_dict(chunks), str(directory))
+
+
+def load_model(chunks, directory: str | Path) -> None:
+    """Load a model checkpoint written at any layout into this layout's chunks (collective)."""
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    if not (directory / "metadata.json").is_file():
+        raise PapoError(f"{directory} is not a megatron distributed checkpoint (no metadata.json); check the path")
+    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(directory))
+    for i, chunk in enumerate(chunks):
+        _unwrap(chunk).load_state_dict(loaded[f"chunk{i}"])
