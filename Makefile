@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # torch==2.13.0 resolves to a local CPU wheel on our machines; any other spec pulls GBs of CUDA.
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-unit test-distributed lint bench clean
+.PHONY: setup demo test test-unit test-distributed test-gpu lint bench clean
 
 setup: $(STAMP)
 
@@ -20,14 +20,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m papo_mega.cli demo
 
+# pytest exits 5 when it collects no tests: make treats that as the failure it is.
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=10
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q
 
 test-distributed: $(STAMP)
 	$(PY) -m pytest tests/distributed -q
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest tests/gpu -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check papo_mega tests tools

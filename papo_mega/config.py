@@ -160,6 +160,12 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
         return _check_value(key, value, inner[0])
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads '1e-4' (no dot) as a string; it is a float to every user.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation in (int, str, bool) and type(value) is annotation:
         return value
     if origin in (list, dict) and isinstance(value, origin):

@@ -50,13 +50,13 @@ def split_microbatches(batch: torch.Tensor, groups: ParallelGroups, micro_batch_
     positions = torch.arange(seq_len).unsqueeze(0)
     out = []
     for i in range(0, rows, micro_batch_size):
-        chunk = local[i : i + micro_batch_size]
+        chunk = local[i : i + micro_batch_size].to(groups.device)
         out.append(
             MicroBatch(
                 tokens=chunk[:, :-1].contiguous(),
                 labels=chunk[:, 1:].contiguous(),
-                loss_mask=torch.ones(chunk.shape[0], seq_len),
-                position_ids=positions.expand(chunk.shape[0], -1).contiguous(),
+                loss_mask=torch.ones(chunk.shape[0], seq_len, device=groups.device),
+                position_ids=positions.expand(chunk.shape[0], -1).contiguous().to(groups.device),
             )
         )
     return out

@@ -78,7 +78,9 @@ class SdpaDotProductAttention(DotProductAttention):
             enable_gqa=k.size(1) != q.size(1),
         )
         # [b, heads, sq, d] -> [sq, b, heads * d]
-        return context.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), self.hidden_size_per_partition)
+        return context.permute(2, 0, 1, 3).reshape(
+            query.size(0), query.size(1), self.hidden_size_per_partition
+        )
 
 
 def get_local_layer_spec(normalization: str = "RMSNorm") -> ModuleSpec:

@@ -1,0 +1,81 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from papo_mega.config import Config, field_doc, load_config, save_config
+from papo_mega.errors import ConfigError, LayoutError
+
+RECIPE = "examples/tiny_cpu.yaml"
+
+
+def test_recipe_loads_and_overrides_apply_with_types():
+    cfg = load_config(RECIPE, ["parallel.tp_size=2", "train.lr=1e-4", "parallel.vpp_size=null", "model.tie_embeddings=true"])
+    assert cfg.parallel.tp_size == 2 and isinstance(cfg.parallel.tp_size, int)
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.parallel.vpp_size is None
+    assert cfg.model.tie_embeddings is True
+    assert cfg.model.hidden_size == yaml.safe_load(open(RECIPE))["model"]["hidden_size"]
+
+
+def test_int_is_accepted_for_float_fields():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.hiden_size=8", "unknown config key 'model.hiden_size'; did you mean 'model.hidden_size'?"),
+        ("modle.hidden_size=8", "unknown config key 'modle'; did you mean 'model'?"),
+        ("parallel.tp_size=two", "parallel.tp_size='two' should be of type int"),
+        ("model.tie_embeddings=3", "model.tie_embeddings=3 should be of type bool"),
+        ("train.steps", "override 'train.steps' is not of the form section.key=value"),
+        ("model.hidden_size=66", "model.hidden_size=66 is not divisible by model.num_attention_heads=4"),
+        ("train.global_batch_size=7", "train.global_batch_size=7 is not a multiple of train.micro_batch_size=4"),
+        ("model.precision=fp16", "model.precision='fp16' is not one of fp32, bf16"),
+    ],
+)
+def test_bad_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(RECIPE, [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "overrides,world,message",
+    [
+        (["parallel.tp_size=4"], 2, "world size 2 is not divisible by tp*pp*cp"),
+        (["parallel.tp_size=8"], 8, "4 attention heads are not divisible by tp_size=8"),
+        (["parallel.pp_size=3"], 3, "4 layers are not divisible by pp_size*vpp_size = 3"),
+        (["parallel.tp_size=2", "model.vocab_size=65"], 2, "vocab size 65 is not divisible by tp_size=2"),
+        (["train.global_batch_size=12"], 2, "train.global_batch_size=12 is not a multiple of micro_batch_size*dp"),
+    ],
+)
+def test_impossible_layouts_are_rejected(overrides, world, message):
+    with pytest.raises((ConfigError, LayoutError)) as err:
+        load_config(RECIPE, overrides).check(world)
+    assert message in str(err.value)
+
+
+def test_every_field_is_documented():
+    for section in (f.type for f in dataclasses.fields(Config)):
+        cls = getattr(__import__("papo_mega.config", fromlist=[section]), section)
+        for f in dataclasses.fields(cls):
+            assert field_doc(cls, f.name).strip(), f"{cls.__name__}.{f.name} has no doc"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(RECIPE, ["parallel.pp_size=2", "train.steps=3"])
+    path = save_config(cfg, tmp_path / "run")
+    again = load_config(path)
+    assert again == cfg
