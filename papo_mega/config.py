@@ -45,6 +45,11 @@ class ModelConfig:
     norm_eps: float = _f(1e-6, "RMSNorm epsilon.")
     precision: str = _f("fp32", "Parameter and compute precision: fp32 | bf16.")
     init_std: float = _f(0.02, "Standard deviation of the normal weight initialisation.")
+    mrope_section: list = _f([], "Multimodal rotary sections (t, h, w) in rotary pairs, e.g. [16, 24, 24]; [] for 1D rope.")
+    image_token_id: int = _f(151655, "Placeholder token id replaced by vision embeddings.")
+    video_token_id: int = _f(151656, "Video placeholder token id (reserved).")
+    vision_start_token_id: int = _f(151652, "Token id that opens an image span.")
+    vision_end_token_id: int = _f(151653, "Token id that closes an image span.")
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -59,6 +64,42 @@ class ModelConfig:
             )
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"model.precision={self.precision!r} is not one of fp32, bf16")
+        head_pairs = self.hidden_size // self.num_attention_heads // 2
+        if self.mrope_section and sum(self.mrope_section) != head_pairs:
+            raise ConfigError(
+                f"model.mrope_section={self.mrope_section} sums to {sum(self.mrope_section)}, but a head has "
+                f"{head_pairs} rotary pairs (head_dim/2); make the sections add up to {head_pairs}"
+            )
+
+
+@dataclass
+class VisionConfig:
+    """The Qwen2.5-VL vision tower (ViT with 2D rotary, window attention, 2x2 patch merger)."""
+
+    enabled: bool = _f(False, "Build the vision tower (false: a text-only language model).")
+    depth: int = _f(2, "Vision transformer blocks.")
+    hidden_size: int = _f(32, "Vision embedding width.")
+    intermediate_size: int = _f(64, "Inner width of the vision SwiGLU MLP.")
+    num_heads: int = _f(2, "Vision attention heads.")
+    in_channels: int = _f(3, "Image channels.")
+    patch_size: int = _f(14, "Spatial patch size in pixels.")
+    temporal_patch_size: int = _f(2, "Frames per patch (images are repeated to fill it).")
+    spatial_merge_size: int = _f(2, "Patches merged per side by the projector (2 -> 2x2).")
+    window_size: int = _f(112, "Window-attention window side in pixels.")
+    fullatt_block_indexes: list = _f([1], "Blocks that attend over the whole image instead of windows.")
+    norm_eps: float = _f(1e-6, "RMSNorm epsilon in the vision tower.")
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision.hidden_size={self.hidden_size} is not divisible by vision.num_heads={self.num_heads}"
+            )
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ConfigError(f"vision.fullatt_block_indexes {bad} are outside 0..{self.depth - 1}; fix the list")
+        unit = self.patch_size * self.spatial_merge_size
+        if self.window_size % unit:
+            raise ConfigError(f"vision.window_size={self.window_size} is not a multiple of patch*merge = {unit}")
 
 
 @dataclass
@@ -113,7 +154,8 @@ class RunConfig:
 class Config:
     """The whole job: one section per component."""
 
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Model architecture."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Language model architecture."})
+    vision: VisionConfig = field(default_factory=VisionConfig, metadata={"doc": "Vision tower architecture."})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "Parallel layout."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Optimisation and batching."})
     run: RunConfig = field(default_factory=RunConfig, metadata={"doc": "Run directory and name."})
@@ -168,7 +210,8 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
             pass
     if annotation in (int, str, bool) and type(value) is annotation:
         return value
-    if origin in (list, dict) and isinstance(value, origin):
+    container = origin or annotation
+    if container in (list, dict) and isinstance(value, container):
         return value
     expected = getattr(annotation, "__name__", str(annotation))
     raise ConfigError(f"{key}={value!r} should be of type {expected}; fix the value in the YAML or override")
