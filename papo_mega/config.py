@@ -38,7 +38,8 @@ class ModelConfig:
     ffn_hidden_size: int = _f(128, "Inner width of the SwiGLU MLP.")
     num_attention_heads: int = _f(4, "Query heads per layer.")
     num_query_groups: int = _f(2, "Key/value heads (grouped-query attention); equal to heads for MHA.")
-    vocab_size: int = _f(128, "Vocabulary size before padding for tensor parallelism.")
+    vocab_size: int = _f(128, "Vocabulary size (real tokens).")
+    vocab_pad_multiple: int = _f(128, "Pad the embedding/output rows to a multiple of this (same at every layout).")
     max_seq_len: int = _f(256, "Longest sequence the rotary tables are built for.")
     tie_embeddings: bool = _f(False, "Share the input embedding and the output layer.")
     rotary_base: float = _f(10000.0, "Base of the rotary position frequencies.")
@@ -50,6 +51,13 @@ class ModelConfig:
     video_token_id: int = _f(151656, "Video placeholder token id (reserved).")
     vision_start_token_id: int = _f(151652, "Token id that opens an image span.")
     vision_end_token_id: int = _f(151653, "Token id that closes an image span.")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output layer; rows past vocab_size are never real tokens."""
+        from papo_mega.distributed.layout import pad_vocab_size
+
+        return pad_vocab_size(self.vocab_size, 1, self.vocab_pad_multiple)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -154,6 +162,7 @@ class RunConfig:
 class Config:
     """The whole job: one section per component."""
 
+    preset: str = _f("", "Architecture preset filling model/vision (tiny, qwen2.5-vl-3b/7b/32b/72b); '' for none.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Language model architecture."})
     vision: VisionConfig = field(default_factory=VisionConfig, metadata={"doc": "Vision tower architecture."})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "Parallel layout."})
@@ -170,7 +179,7 @@ class Config:
             num_layers=m.num_layers,
             num_attention_heads=m.num_attention_heads,
             num_query_groups=m.num_query_groups,
-            vocab_size=m.vocab_size,
+            vocab_size=m.padded_vocab_size,
         )
         per_step = self.train.micro_batch_size * layout.dp_size
         if self.train.global_batch_size % per_step:
@@ -255,6 +264,22 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+def _with_preset(tree: dict) -> dict:
+    """Defaults < preset < recipe < overrides: the preset fills what the recipe leaves out."""
+    name = tree.get("preset")
+    if not name:
+        return tree
+    from papo_mega.models.presets import preset_tree
+
+    merged = preset_tree(str(name))
+    for section, values in tree.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML recipe (or the defaults), apply overrides and validate every section."""
     tree: dict = {}
@@ -269,6 +294,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(tree, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (model:, parallel:, ...)")
     apply_overrides(tree, overrides or [])
+    tree = _with_preset(tree)
     try:
         return _build(Config, tree, "")
     except TypeError as err:  # a dataclass rejected its arguments in a way _build did not foresee

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from papo_mega.config import Config, save_config
 from papo_mega.distributed import detect_launch, init_distributed, shutdown_distributed
 from papo_mega.lm_step import make_lm_batch, train_step
-from papo_mega.models.gpt import build_gpt_chunks
+from papo_mega.models.qwen_vl import build_model_chunks
 from papo_mega.optim import attach_grad_finalisation, build_optimizer, wrap_ddp
 
 
@@ -32,7 +32,7 @@ def run_smoke(cfg: Config) -> dict:
             save_config(cfg, cfg.run.run_dir)
             print(f"[papo-mega] {launch.launcher}: {groups.layout.describe()}, backend {groups.backend}", flush=True)
         use_distopt = cfg.parallel.use_distributed_optimizer
-        chunks = wrap_ddp(build_gpt_chunks(cfg.model, groups, cfg.train.seed), groups, use_distopt)
+        chunks = wrap_ddp(build_model_chunks(cfg.model, cfg.vision, groups, cfg.train.seed), groups, use_distopt)
         attach_grad_finalisation(chunks)
         optimizer = build_optimizer(chunks, cfg.train, use_distopt, cfg.model.precision)
         losses = []

@@ -80,8 +80,8 @@ class ParallelLayout:
             )
         if vocab_size % self.tp_size:
             raise LayoutError(
-                f"vocab size {vocab_size} is not divisible by tp_size={self.tp_size}; "
-                f"pad the vocabulary to a multiple of tp_size (see pad_vocab_size)"
+                f"padded vocab size {vocab_size} is not divisible by tp_size={self.tp_size}; "
+                f"set model.vocab_pad_multiple to a multiple of tp_size"
             )
 
     def describe(self) -> str:
@@ -90,9 +90,10 @@ class ParallelLayout:
 
 
 def pad_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
-    """Megatron's vocabulary padding: round up to a multiple of divisible_by * tp_size.
+    """Round the vocabulary up to a multiple of divisible_by * tp_size.
 
-    The padded rows are never real tokens; their logits are masked out where it matters.
+    The padded rows are never real tokens; their logits are masked out. papo_mega pads with
+    tp_size=1 (a layout-independent size) so that checkpoints reshard across TP degrees.
     """
     multiple = divisible_by * tp_size
     return ((vocab_size + multiple - 1) // multiple) * multiple

@@ -17,23 +17,36 @@ import torch.distributed as dist
 
 from papo_mega.distributed.runtime import ParallelGroups
 
-_LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
+_LAYER = re.compile(r"^(?:.*\.)?decoder\.layers\.\d+\.")
 _GATED = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")
+
+
+def _layer_renames(module) -> dict[str, str]:
+    """'<prefix>decoder.layers.<local>.' -> '<prefix>decoder.layers.<global>.' for a chunk's decoders."""
+    renames = {}
+    for path, sub in module.named_modules():
+        if path.split(".")[-1] == "decoder" and hasattr(sub, "layers"):
+            for local, layer in enumerate(sub.layers):
+                renames[f"{path}.layers.{local}."] = f"{path}.layers.{layer.layer_number - 1}."
+    return renames
 
 
 def named_local_params(chunk) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """(single-process name, local parameter) for a chunk (DDP-wrapped or not).
 
-    The tied output weight on the last stage is reported under the embedding's name: it is a
-    mirror of the first stage's embedding.
+    Pipeline-local layer indexes become global ones. The tied output weight on the last stage is
+    reported under the embedding's name: it mirrors the first stage's embedding.
     """
     module = getattr(chunk, "module", chunk)
-    decoder = getattr(module, "decoder", None)
-    layer_map = {i: layer.layer_number - 1 for i, layer in enumerate(decoder.layers)} if decoder else {}
+    renames = _layer_renames(module)
     for name, param in module.named_parameters():
-        if name == "output_layer.weight" and getattr(param, "shared_embedding", False):
-            name = "embedding.word_embeddings.weight"
-        yield _LAYER.sub(lambda m: f"decoder.layers.{layer_map[int(m.group(1))]}.", name), param
+        if name.endswith("output_layer.weight") and getattr(param, "shared_embedding", False):
+            name = name[: -len("output_layer.weight")] + "embedding.word_embeddings.weight"
+        match = _LAYER.search(name)
+        if match:
+            prefix = name[: match.end()]
+            name = renames.get(prefix, prefix) + name[match.end():]
+        yield name, param
 
 
 def _is_split(param, groups: ParallelGroups) -> bool:

@@ -1,4 +1,4 @@
-"""The decoder language model on megatron-core: `TransformerConfig` and `GPTModel` chunks.
+"""The decoder language model on megatron-core: its `TransformerConfig` and one `GPTModel` chunk.
 
 On CPU (and whenever Transformer Engine is absent) the local layer spec is used, with fusions
 off and fp32; parameters are initialised on the CPU so that every layout draws the same weights
@@ -12,7 +12,6 @@ import torch
 
 from papo_mega.config import ModelConfig
 from papo_mega.distributed.runtime import ParallelGroups
-from papo_mega.models.init import apply_layout_invariant_init
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -66,41 +65,25 @@ def build_transformer_config(model: ModelConfig, groups: ParallelGroups):
         # activations and gradients of equal shape silently; unbatched p2p uses one group per
         # direction and stays exact.
         batch_p2p_comm=not on_cpu,
+        mrope_section=list(model.mrope_section) or None,
     )
 
 
-def build_gpt_chunks(model: ModelConfig, groups: ParallelGroups, seed: int = 1234) -> list[torch.nn.Module]:
-    """This rank's model chunks: one per virtual pipeline stage (a list of one without VPP).
-
-    Weights are the same at every layout for the same seed (`apply_layout_invariant_init`).
-    """
+def build_language_model(model: ModelConfig, config, groups: ParallelGroups, vp_stage: int | None):
+    """One pipeline chunk of the decoder LM (megatron-core GPTModel, local spec)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    groups.layout.check_model(
-        num_layers=model.num_layers,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-        vocab_size=model.vocab_size,
-    )
-    config = build_transformer_config(model, groups)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    chunks = []
-    for vp_stage in range(groups.layout.virtual_chunks):
-        stage = vp_stage if groups.layout.vpp_size else None
-        chunk = GPTModel(
-            config=config,
-            transformer_layer_spec=spec,
-            vocab_size=model.vocab_size,
-            max_sequence_length=model.max_seq_len,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            share_embeddings_and_output_weights=model.tie_embeddings,
-            position_embedding_type="rope",
-            rotary_base=int(model.rotary_base),
-            vp_stage=stage,
-        )
-        chunks.append(chunk.to(groups.device))
-    apply_layout_invariant_init(chunks, groups, seed, model.init_std, model.num_layers)
-    return chunks
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=model.padded_vocab_size,
+        max_sequence_length=model.max_seq_len,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="mrope" if model.mrope_section else "rope",
+        rotary_base=int(model.rotary_base),
+        vp_stage=vp_stage,
+    ).to(groups.device)

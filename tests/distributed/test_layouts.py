@@ -9,7 +9,7 @@ from tests.distributed.workers import loss_and_grads, train_weights
 # fp32: only the order of additions differs between layouts.
 LOSS_TOL = 1e-5
 GRAD_TOL = 1e-6
-WEIGHT_TOL = 1e-5
+WEIGHT_TOL = 5e-5  # after 3 AdamW steps: 0.5% of one lr=1e-2 step (Adam amplifies rounding of tiny grads)
 
 LAYOUTS = {
     "tp2": ({"tp_size": 2}, 2),

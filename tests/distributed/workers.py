@@ -13,7 +13,7 @@ from papo_mega.config import ModelConfig, TrainConfig
 from papo_mega.distributed import init_distributed
 from papo_mega.distributed.sharding import gather_full_tensors
 from papo_mega.lm_step import forward_backward, make_lm_batch, split_microbatches, train_step
-from papo_mega.models.gpt import build_gpt_chunks
+from papo_mega.models.qwen_vl import build_model_chunks
 from papo_mega.optim import attach_grad_finalisation, build_optimizer, wrap_ddp
 
 TINY_MODEL = dict(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
@@ -26,7 +26,7 @@ def _setup(layout: dict, model: dict, distopt: bool = False, breakage: str | Non
     if breakage:
         _break(breakage)
     model_cfg = ModelConfig(**{**TINY_MODEL, **model})
-    chunks = wrap_ddp(build_gpt_chunks(model_cfg, groups), groups, use_distributed_optimizer=distopt)
+    chunks = wrap_ddp(build_model_chunks(model_cfg, None, groups), groups, use_distributed_optimizer=distopt)
     attach_grad_finalisation(chunks)
     return groups, model_cfg, chunks
 
@@ -102,7 +102,7 @@ def _full_logits(chunks, groups, tokens: torch.Tensor) -> torch.Tensor | None:
         model=chunks if n > 1 else chunks[0], num_microbatches=1, seq_length=tokens.shape[1],
         micro_batch_size=tokens.shape[0], forward_only=True,
     )
-    return out[0]["logits"] if out else None
+    return out[0]["logits"][..., : TINY_MODEL["vocab_size"]] if out else None
 
 
 def _logits_to_rank0(logits, groups) -> torch.Tensor | None:
@@ -133,7 +133,7 @@ def load_and_probe(layout: dict, directory: str):
 
     groups = init_distributed(layout, seed=4321)
     model_cfg = ModelConfig(**TINY_MODEL)
-    chunks = build_gpt_chunks(model_cfg, groups, seed=4321)
+    chunks = build_model_chunks(model_cfg, None, groups, seed=4321)
     load_model(chunks, directory)
     probe = make_lm_batch(2, 12, model_cfg.vocab_size, 99, 0)[:, :-1]
     return _logits_to_rank0(_full_logits(chunks, groups, probe), groups)

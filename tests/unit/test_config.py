@@ -57,7 +57,8 @@ def test_missing_and_broken_files(tmp_path):
         (["parallel.tp_size=4"], 2, "world size 2 is not divisible by tp*pp*cp"),
         (["parallel.tp_size=8"], 8, "4 attention heads are not divisible by tp_size=8"),
         (["parallel.pp_size=3"], 3, "4 layers are not divisible by pp_size*vpp_size = 3"),
-        (["parallel.tp_size=2", "model.vocab_size=65"], 2, "vocab size 65 is not divisible by tp_size=2"),
+        (["parallel.tp_size=2", "model.vocab_size=65", "model.vocab_pad_multiple=5"], 2,
+         "padded vocab size 65 is not divisible by tp_size=2"),
         (["train.global_batch_size=12"], 2, "train.global_batch_size=12 is not a multiple of micro_batch_size*dp"),
     ],
 )
@@ -68,8 +69,13 @@ def test_impossible_layouts_are_rejected(overrides, world, message):
 
 
 def test_every_field_is_documented():
-    for section in (f.type for f in dataclasses.fields(Config)):
-        cls = getattr(__import__("papo_mega.config", fromlist=[section]), section)
+    import papo_mega.config as config_module
+
+    assert field_doc(Config, "preset").strip()
+    sections = [f.type for f in dataclasses.fields(Config) if f.type.endswith("Config")]
+    assert len(sections) >= 5
+    for section in sections:
+        cls = getattr(config_module, section)
         for f in dataclasses.fields(cls):
             assert field_doc(cls, f.name).strip(), f"{cls.__name__}.{f.name} has no doc"
 
@@ -79,3 +85,21 @@ def test_resolved_config_round_trips(tmp_path):
     path = save_config(cfg, tmp_path / "run")
     again = load_config(path)
     assert again == cfg
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2.5-vl-32b", "qwen2.5-vl-72b"])
+def test_presets_load_and_are_consistent(name):
+    cfg = load_config(None, [f"preset={name}"])
+    assert cfg.vision.enabled
+    head_dim = cfg.model.hidden_size // cfg.model.num_attention_heads
+    assert sum(cfg.model.mrope_section) * 2 == head_dim
+
+
+def test_recipe_values_win_over_the_preset():
+    cfg = load_config(None, ["preset=qwen2.5-vl-7b", "model.num_layers=2"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size) == (2, 3584)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown model preset 'qwen9'; choose one of: tiny"):
+        load_config(None, ["preset=qwen9"])
