@@ -48,7 +48,11 @@ class PackedSdpaAttention(MegatronModule):
         pg_collection: ProcessGroupCollection | None = None,
     ):
         super().__init__(config=config)
-        if attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal, AttnMaskType.causal_bottom_right):
+        if attn_mask_type in (
+            AttnMaskType.causal,
+            AttnMaskType.padding_causal,
+            AttnMaskType.causal_bottom_right,
+        ):
             raise ValueError(f"PackedSdpaAttention is bidirectional; got attn_mask_type={attn_mask_type}")
         if config.context_parallel_size != 1:
             raise ValueError("PackedSdpaAttention does not support context parallelism")
@@ -73,7 +77,9 @@ class PackedSdpaAttention(MegatronModule):
     ) -> torch.Tensor:
         """[sq, b, heads, d] queries, [sk, b, groups, d] keys/values -> [sq, b, heads * d]."""
         if attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("PackedSdpaAttention takes a boolean attention_mask, not a bias or packed params")
+            raise ValueError(
+                "PackedSdpaAttention takes a boolean attention_mask, not a bias or packed params"
+            )
         # SDPA wants [b, heads, s, d] and a mask that is True where attention is allowed.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         allowed = None if attention_mask is None else ~attention_mask
@@ -87,4 +93,6 @@ class PackedSdpaAttention(MegatronModule):
             enable_gqa=k.size(1) != q.size(1),
         )
         # [b, heads, sq, d] -> [sq, b, heads * d]
-        return context.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), self.hidden_size_per_partition)
+        return context.permute(2, 0, 1, 3).reshape(
+            query.size(0), query.size(1), self.hidden_size_per_partition
+        )

@@ -58,7 +58,9 @@ def check_vision_layout(vision_cfg: VisionConfig, layout: ParallelLayout) -> Non
         )
 
 
-def build_vision_transformer_config(vision_cfg: VisionConfig, groups: ParallelGroups, precision: str = "fp32"):
+def build_vision_transformer_config(
+    vision_cfg: VisionConfig, groups: ParallelGroups, precision: str = "fp32"
+):
     """megatron-core's TransformerConfig for the vision tower at this tensor-parallel size."""
     from megatron.core.transformer import TransformerConfig
 
@@ -129,7 +131,9 @@ def build_vision_layer_spec():
             k_layernorm=IdentityOp,
         ),
     )
-    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+    mlp = ModuleSpec(
+        module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    )
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -168,7 +172,9 @@ def compute_frame_ids(grid_thw: list[list[int]]) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(sizes)), sizes)
 
 
-def compute_window_index(grid_thw: list[list[int]], merge: int, window_units: int) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_window_index(
+    grid_thw: list[list[int]], merge: int, window_units: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's window reordering of merge units, and the window sizes.
 
     Each frame's grid of merge units is cut into window_units x window_units windows (the last
@@ -255,16 +261,30 @@ class VisionMerger(MegatronModule):
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         super().__init__(config=config)
+        self.tp_group = groups.tp
         self.merged_size = vision_cfg.hidden_size * vision_cfg.spatial_merge_size**2
         # Named so that the layout-invariant init recognises it as a norm (ones).
-        self.layernorm = torch.nn.RMSNorm(vision_cfg.hidden_size, eps=vision_cfg.norm_eps, dtype=config.params_dtype)
+        self.layernorm = torch.nn.RMSNorm(
+            vision_cfg.hidden_size, eps=vision_cfg.norm_eps, dtype=config.params_dtype
+        )
         self.linear_fc1 = ColumnParallelLinear(
-            self.merged_size, self.merged_size, config=config, init_method=config.init_method,
-            bias=True, gather_output=False, tp_group=groups.tp,
+            self.merged_size,
+            self.merged_size,
+            config=config,
+            init_method=config.init_method,
+            bias=True,
+            gather_output=False,
+            tp_group=groups.tp,
         )
         self.linear_fc2 = RowParallelLinear(
-            self.merged_size, out_hidden_size, config=config, init_method=config.output_layer_init_method,
-            bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=groups.tp,
+            self.merged_size,
+            out_hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=groups.tp,
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -299,9 +319,13 @@ class QwenVisionTower(MegatronModule):
         config = build_vision_transformer_config(vision_cfg, groups, precision)
         super().__init__(config=config)
         self.vision_cfg = vision_cfg
+        # Read by megatron's checkpoint helpers: replicated tensors get one main replica per TP group.
+        self.tp_group = groups.tp
         self.head_dim = vision_cfg.hidden_size // vision_cfg.num_heads
         patch_features = vision_cfg.in_channels * vision_cfg.temporal_patch_size * vision_cfg.patch_size**2
-        self.patch_embed = torch.nn.Linear(patch_features, vision_cfg.hidden_size, bias=False, dtype=config.params_dtype)
+        self.patch_embed = torch.nn.Linear(
+            patch_features, vision_cfg.hidden_size, bias=False, dtype=config.params_dtype
+        )
         spec = build_vision_layer_spec()
         pg_collection = groups.pg_collection()
         self.layers = torch.nn.ModuleList(
@@ -330,6 +354,27 @@ class QwenVisionTower(MegatronModule):
         merged = self.merger(hidden.squeeze(1))
         return merged[packing.unit_restore]
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """dist_checkpointing view: each layer under `{prefix}layers.{i}.`, tensor-parallel aware.
+
+        The default recursion would reach the layers through a plain ModuleList and save their
+        shards as if they were replicated; asking each megatron layer directly keeps the
+        tensor-parallel sharding (and SwiGLU's fc1 split), so checkpoints reshard across TP sizes.
+        """
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        out = {}
+        for i, layer in enumerate(self.layers):
+            out.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
+        for name, module in self.named_children():
+            if module is not self.layers:
+                out.update(
+                    sharded_state_dict_default(
+                        module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group
+                    )
+                )
+        return out
+
 
 # --- Weights -------------------------------------------------------------------------------------
 
@@ -348,7 +393,9 @@ def load_full_state(tower: QwenVisionTower, full: dict[str, torch.Tensor], group
     names = dict(tower.named_parameters())
     missing, unexpected = sorted(set(names) - set(full)), sorted(set(full) - set(names))
     if missing or unexpected:
-        raise KeyError(f"vision weights do not match the tower: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise KeyError(
+            f"vision weights do not match the tower: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for name, param in names.items():
         shard = take_local_shard(full[name], name, param, groups)
         if shard.shape != param.shape:

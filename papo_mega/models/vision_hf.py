@@ -72,7 +72,7 @@ def qkv_mcore_to_hf(t: torch.Tensor, num_heads: int) -> torch.Tensor:
 def _strip_prefix(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in _PREFIXES:
         if f"{prefix}patch_embed.proj.weight" in hf:
-            return {k[len(prefix):]: v for k, v in hf.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in hf.items() if k.startswith(prefix)}
     raise KeyError("no vision tower weights found: expected a key ending in 'patch_embed.proj.weight'")
 
 

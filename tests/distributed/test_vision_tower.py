@@ -8,7 +8,7 @@ one call per image; TP2 output and gradient shards equal TP1's. fp32: only summa
 import pytest
 
 from tests.distributed.harness import run_distributed
-from tests.distributed.vision_workers import CASES, tower_outputs
+from tests.distributed.vision_workers import CASES, sharded_against_reference, tp1_against_hf
 
 OUT_TOL = 1e-5
 # Gradients reach |g| ~ 30 here (a sum over every output): compared relative to max(1, max |g|).
@@ -20,7 +20,7 @@ _tp1_cache: dict = {}
 def _tp1(case: str) -> dict:
     """The single-process run of one case (shared by the TP1 and TP2 tests)."""
     if case not in _tp1_cache:
-        _tp1_cache[case] = run_distributed(tower_outputs, 1, args=(case, {}), timeout_s=120)[0]
+        _tp1_cache[case] = run_distributed(tp1_against_hf, 1, args=(case,), timeout_s=120)[0]
     return _tp1_cache[case]
 
 
@@ -40,7 +40,9 @@ def _worst_scaled_diff(actual: dict, expected: dict) -> tuple[float, str]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_tp1_matches_hf(case):
     out = _tp1(case)
-    assert sorted(out["names"]) == sorted(out["expected_names"]), "tower parameter names differ from vision_param_names"
+    assert sorted(out["names"]) == sorted(out["expected_names"]), (
+        "tower parameter names differ from vision_param_names"
+    )
     assert out["out"].shape == out["hf_out"].shape
     assert _max_diff(out["out"], out["hf_out"]) <= OUT_TOL
     assert _max_diff(out["separate"], out["out"]) <= OUT_TOL, "packed call differs from one call per image"
@@ -51,10 +53,14 @@ def test_tp1_matches_hf(case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_tp2_matches_tp1(case):
     ref = _tp1(case)
-    out = run_distributed(tower_outputs, 2, args=(case, {"tp_size": 2}, ref["grads"]), timeout_s=120)[0]
+    args = (case, {"tp_size": 2}, ref["full_state"], ref["grads"])
+    out = run_distributed(sharded_against_reference, 2, args=args, timeout_s=120)[0]
+    assert sorted(out["names"]) == sorted(out["expected_names"])
     assert _max_diff(out["out"], ref["out"]) <= OUT_TOL
-    assert _max_diff(out["out"], out["hf_out"]) <= OUT_TOL
+    assert _max_diff(out["out"], ref["hf_out"]) <= OUT_TOL
     assert _max_diff(out["separate"], out["out"]) <= OUT_TOL
-    assert out["grad_shard_diff"] <= GRAD_TOL, f"TP2 gradient shards differ from TP1 by {out['grad_shard_diff']:.3g}"
+    assert out["grad_shard_diff"] <= GRAD_TOL, (
+        f"TP2 gradient shards differ from TP1 by {out['grad_shard_diff']:.3g}"
+    )
     message = out["layout_error"]
     assert message is not None and "num_heads=3" in message and "tp_size=2" in message and "\n" not in message

@@ -1,8 +1,9 @@
 """Worker functions for the vision-tower tests (module-level so spawn can pickle them).
 
-Every worker builds the same tiny random transformers Qwen2.5-VL vision model from a fixed seed,
-maps its weights into `QwenVisionTower` at the layout it is given, and runs both on the same
-random images. Nothing is downloaded: the HF model is built from a config.
+The single-process worker builds a tiny random transformers Qwen2.5-VL vision model from a fixed
+seed (nothing is downloaded: it is built from a config), maps its weights into `QwenVisionTower`
+and runs both on the same random images; it hands the mapped weights back, and the sharded
+workers load those (they never import transformers, which keeps them quick).
 """
 
 from __future__ import annotations
@@ -22,15 +23,35 @@ from papo_mega.models.vision_hf import vision_hf_to_mcore, vision_param_names
 # b: 3x3-unit windows over a 5x3 grid and a two-frame video, head_dim 12, odd-ish MLP width 38.
 CASES = {
     "a": {
-        "vision": dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, in_channels=3, patch_size=2,
-                       temporal_patch_size=2, spatial_merge_size=2, window_size=8, fullatt_block_indexes=[1]),
+        "vision": dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=2,
+            in_channels=3,
+            patch_size=2,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            window_size=8,
+            fullatt_block_indexes=[1],
+        ),
         "out_hidden_size": 24,
         "grids": [[1, 4, 6], [1, 8, 4]],
         "attn": "sdpa",
     },
     "b": {
-        "vision": dict(depth=3, hidden_size=48, intermediate_size=38, num_heads=4, in_channels=2, patch_size=3,
-                       temporal_patch_size=1, spatial_merge_size=2, window_size=18, fullatt_block_indexes=[0, 2]),
+        "vision": dict(
+            depth=3,
+            hidden_size=48,
+            intermediate_size=38,
+            num_heads=4,
+            in_channels=2,
+            patch_size=3,
+            temporal_patch_size=1,
+            spatial_merge_size=2,
+            window_size=18,
+            fullatt_block_indexes=[0, 2],
+        ),
         "out_hidden_size": 20,
         "grids": [[1, 10, 6], [2, 4, 8]],
         "attn": "eager",
@@ -52,8 +73,11 @@ def build_hf_vision(case: dict):
         for name, param in sorted(model.named_parameters()):
             noise = torch.randn(param.shape, generator=generator)
             # Norm weights near one, everything else large enough that attention is not uniform.
-            param.copy_(1.0 + 0.1 * noise if name.endswith(("norm1.weight", "norm2.weight", "ln_q.weight"))
-                        else 0.15 * noise)
+            param.copy_(
+                1.0 + 0.1 * noise
+                if name.endswith(("norm1.weight", "norm2.weight", "ln_q.weight"))
+                else 0.15 * noise
+            )
     return model
 
 
@@ -86,47 +110,62 @@ def _separate_calls(tower, pixels, grid) -> torch.Tensor:
         return torch.cat([tower(p, g[None]) for p, g in zip(pixels.split(sizes), grid)])
 
 
-def tower_outputs(case_name: str, layout: dict, reference_grads: dict | None = None):
-    """Our output, HF's output, the per-image outputs and gradient checks, at this layout.
-
-    Gradients: at TP1 the full gradients are returned (and compared with HF's, mapped to our
-    names); given reference_grads (full TP1 gradients), each rank compares its local shards.
-    """
-    groups = init_distributed(layout, seed=1234)
-    case = CASES[case_name]
+def _run_tower(groups, case: dict, full_state: dict) -> dict:
+    """Build the tower at this layout, load full_state, run packed forward + backward and per-image calls."""
     vision_cfg = VisionConfig(enabled=True, **case["vision"])
-    hf = build_hf_vision(case)
     pixels, grid = make_images(case)
-    hf_out, hf_grads = _hf_reference(hf, pixels, grid)
-
+    # A seed unlike anything HF drew: loading must overwrite every parameter.
     tower = QwenVisionTower(vision_cfg, case["out_hidden_size"], groups, seed=99)
     names = [n for n, _ in tower.named_parameters()]
-    load_full_state(tower, vision_hf_to_mcore(hf.state_dict(), vision_cfg), groups)
+    load_full_state(tower, full_state, groups)
     out = tower(pixels, grid)
     (out * _probe(out.shape)).sum().backward()
     params = dict(tower.named_parameters())
-    grads = {n: p.grad.detach().clone() for n, p in params.items()}
-    result = {
+    return {
         "names": names,
         "expected_names": vision_param_names(vision_cfg),
+        "params": params,
         "out": out.detach(),
-        "hf_out": hf_out,
+        "grads": {n: p.grad.detach().clone() for n, p in params.items()},
         "separate": _separate_calls(tower, pixels, grid),
-        "hf_grads_mapped": vision_hf_to_mcore(hf_grads, vision_cfg),
     }
-    if reference_grads is None:
-        result["grads"] = grads
-    else:
-        # Scaled like the TP1 check: max|diff| / max(1, max|reference|).
-        worst = max(
-            (grads[n] - take_local_shard(reference_grads[n], n, params[n], groups)).abs().max().item()
-            / max(1.0, reference_grads[n].abs().max().item())
-            for n in grads
-        )
-        # Every rank's shards count, not only rank 0's.
-        worst = torch.tensor(worst)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        result["grad_shard_diff"] = worst.item()
+
+
+def tp1_against_hf(case_name: str):
+    """Single process: HF's output and gradients (mapped to our names) next to ours, and the
+    full weights (our names) for the sharded runs."""
+    groups = init_distributed({}, seed=1234)
+    case = CASES[case_name]
+    vision_cfg = VisionConfig(enabled=True, **case["vision"])
+    hf = build_hf_vision(case)
+    hf_out, hf_grads = _hf_reference(hf, *make_images(case))
+    full_state = vision_hf_to_mcore({f"visual.{k}": v for k, v in hf.state_dict().items()}, vision_cfg)
+    result = _run_tower(groups, case, full_state)
+    del result["params"]
+    return {
+        **result,
+        "hf_out": hf_out,
+        "hf_grads_mapped": vision_hf_to_mcore(hf_grads, vision_cfg),
+        "full_state": full_state,
+    }
+
+
+def sharded_against_reference(case_name: str, layout: dict, full_state: dict, reference_grads: dict):
+    """At a tensor-parallel layout: our output, per-image outputs, and the worst difference of any
+    rank's gradient shards from the matching slices of the full TP1 gradients."""
+    groups = init_distributed(layout, seed=1234)
+    result = _run_tower(groups, CASES[case_name], full_state)
+    params, grads = result.pop("params"), result.pop("grads")
+    # Scaled like the TP1 check: max|diff| / max(1, max|reference|).
+    worst = max(
+        (grads[n] - take_local_shard(reference_grads[n], n, params[n], groups)).abs().max().item()
+        / max(1.0, reference_grads[n].abs().max().item())
+        for n in grads
+    )
+    # Every rank's shards count, not only rank 0's.
+    worst = torch.tensor(worst)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    result["grad_shard_diff"] = worst.item()
     result["layout_error"] = _layout_error_message(groups)
     return result if dist.get_rank() == 0 else None
 

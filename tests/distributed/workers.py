@@ -13,8 +13,10 @@ from papo_mega.config import ModelConfig, TrainConfig
 from papo_mega.distributed import init_distributed
 from papo_mega.distributed.sharding import gather_full_tensors
 from papo_mega.lm_step import forward_backward, make_lm_batch, split_microbatches, train_step
+from papo_mega.models.forward import compute_full_logits
 from papo_mega.models.qwen_vl import build_model_chunks
 from papo_mega.optim import attach_grad_finalisation, build_optimizer, wrap_ddp
+from papo_mega.types import ModelInputs
 
 TINY_MODEL = dict(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
                   num_query_groups=2, vocab_size=64, max_seq_len=64)
@@ -78,39 +80,10 @@ def train_weights(layout: dict, steps: int, distopt: bool, model: dict | None = 
     return {"losses": losses, "weights": weights, "replica_max_diff": replica_max_diff}
 
 
-def _full_logits(chunks, groups, tokens: torch.Tensor) -> torch.Tensor | None:
-    """Full-vocabulary logits of the last stage (gathered over TP), via the forward-only schedule."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
-
-    def forward_step(data_iterator, model):
-        next(data_iterator)
-        logits = model(tokens, positions, attention_mask=None)
-
-        def collect(output):
-            full = gather_from_tensor_model_parallel_region(output)
-            return full.sum() * 0.0, {"logits": full.detach()}
-
-        return logits, collect
-
-    n = len(chunks)
-    iterators = [iter([None]) for _ in range(n)]
-    out = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterators if n > 1 else iterators[0],
-        model=chunks if n > 1 else chunks[0], num_microbatches=1, seq_length=tokens.shape[1],
-        micro_batch_size=tokens.shape[0], forward_only=True,
-    )
-    return out[0]["logits"][..., : TINY_MODEL["vocab_size"]] if out else None
-
-
-def _logits_to_rank0(logits, groups) -> torch.Tensor | None:
-    """Bring the last stage's logits to global rank 0."""
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, logits if groups.tp_rank == 0 else None)
-    found = [g for g in gathered if g is not None]
-    return found[0] if found else None
+def _probe_logits(chunks, groups, vocab_size: int) -> torch.Tensor:
+    tokens = make_lm_batch(2, 12, vocab_size, 99, 0)[:, :-1]
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()
+    return compute_full_logits(chunks, groups, ModelInputs(tokens, positions), vocab_size)
 
 
 def save_after_training(layout: dict, directory: str):
@@ -123,8 +96,8 @@ def save_after_training(layout: dict, directory: str):
     batch = make_lm_batch(train_cfg.global_batch_size, train_cfg.seq_len, model_cfg.vocab_size, 3, 0)
     train_step(chunks, optimizer, batch, groups, train_cfg.micro_batch_size)
     save_model(chunks, directory)
-    probe = make_lm_batch(2, 12, model_cfg.vocab_size, 99, 0)[:, :-1]
-    return _logits_to_rank0(_full_logits(chunks, groups, probe), groups)
+    logits = _probe_logits(chunks, groups, model_cfg.vocab_size)  # collective: every rank runs it
+    return logits if dist.get_rank() == 0 else None
 
 
 def load_and_probe(layout: dict, directory: str):
@@ -135,5 +108,5 @@ def load_and_probe(layout: dict, directory: str):
     model_cfg = ModelConfig(**TINY_MODEL)
     chunks = build_model_chunks(model_cfg, None, groups, seed=4321)
     load_model(chunks, directory)
-    probe = make_lm_batch(2, 12, model_cfg.vocab_size, 99, 0)[:, :-1]
-    return _logits_to_rank0(_full_logits(chunks, groups, probe), groups)
+    logits = _probe_logits(chunks, groups, model_cfg.vocab_size)  # collective: every rank runs it
+    return logits if dist.get_rank() == 0 else None

@@ -1,0 +1,104 @@
+"""Run a function in N local processes (gloo on CPU), hard-timed and fail-fast.
+
+Used by the multi-process tests and by tools that start their own local job (conversion,
+parity checks) when not launched by torchrun/srun/mpirun.
+
+    results = run_distributed(worker_fn, world_size=4, args=(...), timeout_s=120)
+
+Each process gets torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on a
+free port) and one thread. `results[rank]` is what the function returned on that rank. A worker
+exception fails the test with that rank's traceback; a hang past timeout_s fails it naming the
+ranks that never finished. Workers must be module-level functions (they are pickled by spawn).
+`DistributedTestFailure` is an AssertionError so that pytest reports it as a test failure.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import time
+import traceback
+
+from papo_mega.distributed.launcher import find_free_port
+
+
+class DistributedTestFailure(AssertionError):
+    """A rank raised, or the job did not finish in time."""
+
+
+def _worker(fn, rank: int, world_size: int, port: int, args: tuple, env: dict, results) -> None:
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            **env,
+        }
+    )
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        value = fn(*args)
+        # Plain pickle: tensors travel by value, not as shared-memory handles that die with us.
+        results.put(("ok", rank, pickle.dumps(value)))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put(("error", rank, traceback.format_exc()))
+    finally:
+        try:
+            from papo_mega.distributed.runtime import shutdown_distributed
+
+            shutdown_distributed()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
+def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 180.0, env: dict | None = None) -> list:
+    """Run fn(*args) on world_size ranks; return the per-rank results or raise DistributedTestFailure."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = find_free_port()
+    procs = [
+        # Not daemonic: like a real launcher's ranks, workers may start children (checkpoint writers).
+        ctx.Process(target=_worker, args=(fn, rank, world_size, port, args, env or {}, results))
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    outputs: dict[int, object] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(outputs) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(outputs))
+                raise DistributedTestFailure(
+                    f"{fn.__name__} on {world_size} ranks did not finish within {timeout_s:.0f}s; "
+                    f"ranks still running: {missing} (a hang, e.g. a collective one rank skipped)"
+                )
+            try:
+                status, rank, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outputs]
+                if dead:
+                    raise DistributedTestFailure(
+                        f"{fn.__name__}: rank {dead[0]} died with exit code {procs[dead[0]].exitcode} "
+                        f"without reporting (killed, or crashed in native code)"
+                    ) from None
+                continue
+            if status == "error":
+                raise DistributedTestFailure(f"{fn.__name__} failed on rank {rank} of {world_size}:\n{value}")
+            outputs[rank] = pickle.loads(value)
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+    return [outputs[r] for r in range(world_size)]
