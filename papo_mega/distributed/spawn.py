@@ -22,6 +22,7 @@ import time
 import traceback
 
 from papo_mega.distributed.launcher import find_free_port
+from papo_mega.errors import PapoError
 
 
 class DistributedTestFailure(AssertionError):
@@ -48,6 +49,8 @@ def _worker(fn, rank: int, world_size: int, port: int, args: tuple, env: dict, r
         value = fn(*args)
         # Plain pickle: tensors travel by value, not as shared-memory handles that die with us.
         results.put(("ok", rank, pickle.dumps(value)))
+    except PapoError as err:  # a user mistake: the parent re-raises it as the one-line error it is
+        results.put(("user_error", rank, pickle.dumps(err)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put(("error", rank, traceback.format_exc()))
     finally:
@@ -92,6 +95,8 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 18
                         f"without reporting (killed, or crashed in native code)"
                     ) from None
                 continue
+            if status == "user_error":
+                raise pickle.loads(value)
             if status == "error":
                 raise DistributedTestFailure(f"{fn.__name__} failed on rank {rank} of {world_size}:\n{value}")
             outputs[rank] = pickle.loads(value)

@@ -1,0 +1,120 @@
+"""Hugging Face Qwen2.5-VL -> megatron-core distributed checkpoint, one rank's share at a time.
+
+Every rank of a tp*pp job builds its chunks of the model, then fills them unit by unit (the
+global tensors, one decoder layer, the vision tower): it reads only the HF tensors of units it
+holds, maps them to full single-process tensors, keeps its shard and drops the rest. Peak memory
+is this rank's shard plus one unit's full tensors. The checkpoint is written under a temporary
+name and renamed when complete.
+
+Checkpoint directory:  <out>/model/ (megatron dist checkpoint)  <out>/papo_model.json
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from papo_mega.config import ModelConfig, VisionConfig
+from papo_mega.convert.hf_config import configs_from_hf, read_hf_config
+from papo_mega.convert.safetensors_io import SafetensorsReader
+from papo_mega.distributed.sharding import named_local_params, take_local_shard
+from papo_mega.errors import PapoError
+from papo_mega.models.lm_hf import lm_globals_hf_to_mcore, lm_layer_hf_to_mcore
+
+META = "papo_model.json"
+_LM_LAYER = re.compile(r"^lm\.decoder\.layers\.(\d+)\.")
+
+
+def unit_of(name: str) -> str:
+    """Which conversion unit a parameter belongs to: 'vision', 'layer.<i>' or 'globals'."""
+    if name.startswith("vision."):
+        return "vision"
+    match = _LM_LAYER.match(name)
+    return f"layer.{match.group(1)}" if match else "globals"
+
+
+def map_unit(unit: str, reader: SafetensorsReader, model: ModelConfig, vision: VisionConfig) -> dict:
+    """Full single-process tensors (our names) of one unit, read from the HF checkpoint."""
+    if unit == "vision":
+        from papo_mega.models.vision_hf import vision_hf_to_mcore
+
+        return {f"vision.{k}": v for k, v in vision_hf_to_mcore(reader.get_many("visual."), vision).items()}
+    if unit.startswith("layer."):
+        i = int(unit.split(".")[1])
+        return lm_layer_hf_to_mcore(reader.get_many(f"model.layers.{i}."), i, model)
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if model.tie_embeddings else ["lm_head.weight"])
+    return lm_globals_hf_to_mcore({n: reader.get(n) for n in names}, model)
+
+
+@torch.no_grad()
+def fill_from_hf(chunks, groups, reader: SafetensorsReader, model: ModelConfig, vision: VisionConfig,
+                 show_progress: bool) -> None:
+    """Copy this rank's shards of the HF weights into its chunks, one unit at a time."""
+    params_by_unit: dict[str, list] = {}
+    for chunk in chunks:
+        for name, param in named_local_params(chunk):
+            params_by_unit.setdefault(unit_of(name), []).append((name, param))
+    for unit in tqdm(sorted(params_by_unit), desc="convert", disable=not show_progress):
+        full = map_unit(unit, reader, model, vision)
+        for name, param in params_by_unit[unit]:
+            if name not in full:
+                raise PapoError(f"no HF tensor maps to {name}; the checkpoint does not match its config.json")
+            shard = take_local_shard(full[name], name, param, groups)
+            if shard.shape != param.shape:
+                raise PapoError(f"{name}: HF gives shape {tuple(shard.shape)}, model expects {tuple(param.shape)}")
+            param.copy_(shard.to(param.dtype))
+        del full
+
+
+def write_metadata(out: Path, hf_config: dict, model: ModelConfig, vision: VisionConfig, dtype: str) -> None:
+    from dataclasses import asdict
+
+    meta = {"format": "papo_mega/1", "hf_config": hf_config, "hf_dtype": dtype,
+            "model": asdict(model), "vision": asdict(vision)}
+    (out / META).write_text(json.dumps(meta, indent=2))
+
+
+def read_metadata(ckpt: str | Path) -> tuple[dict, ModelConfig, VisionConfig]:
+    path = Path(ckpt) / META
+    if not path.is_file():
+        raise PapoError(f"{path} not found; --ckpt must be a directory written by convert_hf_to_mcore.py")
+    meta = json.loads(path.read_text())
+    return meta, ModelConfig(**meta["model"]), VisionConfig(**meta["vision"])
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def convert_rank(hf_dir: str, out_dir: str, layout_sizes: dict) -> dict:
+    """Run on every rank of the conversion job; returns this rank's peak RSS (bytes)."""
+    from papo_mega.checkpoint import save_model
+    from papo_mega.distributed import init_distributed
+    from papo_mega.models.qwen_vl import build_model_chunks
+
+    hf_config = read_hf_config(hf_dir)
+    model, vision, dtype = configs_from_hf(hf_config)
+    reader = SafetensorsReader(hf_dir)
+    groups = init_distributed(layout_sizes)
+    chunks = build_model_chunks(model, vision, groups, seed=0)
+    fill_from_hf(chunks, groups, reader, model, vision, show_progress=groups.rank == 0)
+    out, tmp = Path(out_dir), Path(f"{out_dir}.tmp-convert")
+    if groups.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    save_model(chunks, tmp / "model")
+    dist.barrier()
+    if groups.rank == 0:
+        write_metadata(tmp, hf_config, model, vision, dtype)
+        tmp.rename(out)  # published only when complete
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, peak_rss_bytes())
+    return {"peak_rss": max(peaks), "hf_bytes": reader.total_bytes(), "layout": groups.layout.describe()}

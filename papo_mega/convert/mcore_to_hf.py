@@ -1,0 +1,58 @@
+"""megatron-core checkpoint -> Hugging Face Qwen2.5-VL (safetensors + config.json).
+
+Loads the checkpoint at TP1/PP1 in one process (the full model in host memory), maps names and
+layouts back, restores the original dtype and writes under a temporary name, renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from papo_mega.convert.hf_to_mcore import read_metadata
+from papo_mega.convert.safetensors_io import write_safetensors
+from papo_mega.errors import PapoError
+from papo_mega.models.lm_hf import lm_mcore_to_hf
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def full_state_to_hf(ours: dict[str, torch.Tensor], model, vision, dtype: str) -> dict[str, torch.Tensor]:
+    """Our full single-process tensors -> HF hub-named tensors in the original dtype."""
+    from papo_mega.models.vision_hf import vision_mcore_to_hf
+
+    tower = {k[len("vision."):]: v for k, v in ours.items() if k.startswith("vision.")}
+    hf = lm_mcore_to_hf(ours, model)
+    hf.update(vision_mcore_to_hf(tower, vision))
+    target = _TORCH_DTYPES[dtype]
+    return {k: v.detach().to(target).contiguous() for k, v in hf.items()}
+
+
+def export_rank(ckpt_dir: str, out_dir: str) -> dict:
+    """Single-process export (run inside a world of one)."""
+    from papo_mega.checkpoint import load_model
+    from papo_mega.distributed import init_distributed
+    from papo_mega.distributed.sharding import named_local_params
+    from papo_mega.models.qwen_vl import build_model_chunks
+
+    meta, model, vision = read_metadata(ckpt_dir)
+    groups = init_distributed({})
+    chunks = build_model_chunks(model, vision, groups, seed=0)
+    load_model(chunks, Path(ckpt_dir) / "model")
+    ours = {name: param.detach() for chunk in chunks for name, param in named_local_params(chunk)}
+    hf = full_state_to_hf(ours, model, vision, meta["hf_dtype"])
+    out, tmp = Path(out_dir), Path(f"{out_dir}.tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_safetensors(hf, tmp)
+    (tmp / "config.json").write_text(json.dumps(meta["hf_config"], indent=2))
+    tmp.rename(out)
+    return {"tensors": len(hf)}
+
+
+def check_output_dir(out: str | Path) -> None:
+    if Path(out).exists():
+        raise PapoError(f"output directory {out} already exists; choose a new --out or delete it first")
