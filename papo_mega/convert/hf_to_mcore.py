@@ -29,6 +29,7 @@ from papo_mega.errors import PapoError
 from papo_mega.models.lm_hf import lm_globals_hf_to_mcore, lm_layer_hf_to_mcore
 
 META = "papo_model.json"
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _LM_LAYER = re.compile(r"^lm\.decoder\.layers\.(\d+)\.")
 
 
@@ -55,8 +56,8 @@ def map_unit(unit: str, reader: SafetensorsReader, model: ModelConfig, vision: V
 
 @torch.no_grad()
 def fill_from_hf(chunks, groups, reader: SafetensorsReader, model: ModelConfig, vision: VisionConfig,
-                 show_progress: bool) -> None:
-    """Copy this rank's shards of the HF weights into its chunks, one unit at a time."""
+                 dtype: torch.dtype, show_progress: bool) -> None:
+    """Copy this rank's shards of the HF weights (all of `dtype`) into its chunks, one unit at a time."""
     params_by_unit: dict[str, list] = {}
     for chunk in chunks:
         for name, param in named_local_params(chunk):
@@ -66,6 +67,9 @@ def fill_from_hf(chunks, groups, reader: SafetensorsReader, model: ModelConfig, 
         for name, param in params_by_unit[unit]:
             if name not in full:
                 raise PapoError(f"no HF tensor maps to {name}; the checkpoint does not match its config.json")
+            if full[name].dtype != dtype:
+                raise PapoError(f"{name} is stored as {full[name].dtype} but config.json says {dtype}; "
+                                f"fix the config's dtype or re-save the checkpoint in one dtype")
             shard = take_local_shard(full[name], name, param, groups)
             if shard.shape != param.shape:
                 raise PapoError(f"{name}: HF gives shape {tuple(shard.shape)}, model expects {tuple(param.shape)}")
@@ -104,7 +108,7 @@ def convert_rank(hf_dir: str, out_dir: str, layout_sizes: dict) -> dict:
     reader = SafetensorsReader(hf_dir)
     groups = init_distributed(layout_sizes)
     chunks = build_model_chunks(model, vision, groups, seed=0)
-    fill_from_hf(chunks, groups, reader, model, vision, show_progress=groups.rank == 0)
+    fill_from_hf(chunks, groups, reader, model, vision, TORCH_DTYPES[dtype], show_progress=groups.rank == 0)
     out, tmp = Path(out_dir), Path(f"{out_dir}.tmp-convert")
     if groups.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,13 +12,10 @@ from pathlib import Path
 
 import torch
 
-from papo_mega.convert.hf_to_mcore import read_metadata
+from papo_mega.convert.hf_to_mcore import TORCH_DTYPES, read_metadata
 from papo_mega.convert.safetensors_io import write_safetensors
 from papo_mega.errors import PapoError
 from papo_mega.models.lm_hf import lm_mcore_to_hf
-
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def full_state_to_hf(ours: dict[str, torch.Tensor], model, vision, dtype: str) -> dict[str, torch.Tensor]:
     """Our full single-process tensors -> HF hub-named tensors in the original dtype."""
@@ -27,7 +24,7 @@ def full_state_to_hf(ours: dict[str, torch.Tensor], model, vision, dtype: str) -
     tower = {k[len("vision."):]: v for k, v in ours.items() if k.startswith("vision.")}
     hf = lm_mcore_to_hf(ours, model)
     hf.update(vision_mcore_to_hf(tower, vision))
-    target = _TORCH_DTYPES[dtype]
+    target = TORCH_DTYPES[dtype]
     return {k: v.detach().to(target).contiguous() for k, v in hf.items()}
 
 

@@ -58,7 +58,7 @@ def build_transformer_config(model: ModelConfig, groups: ParallelGroups):
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        persist_layer_norm=not on_cpu,
+        persist_layer_norm=False,  # the local spec's norm refuses it; TE's spec handles its own
         deallocate_pipeline_outputs=not on_cpu,
         # gloo matches messages between one pair of ranks in posting order. Batched p2p posts
         # send_prev before send_next, so with pp=2 (prev == next) interleaved schedules swap

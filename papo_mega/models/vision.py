@@ -49,6 +49,9 @@ def check_vision_layout(vision_cfg: VisionConfig, layout: ParallelLayout) -> Non
             f"vision.intermediate_size={vision_cfg.intermediate_size} is not divisible by tp_size={tp}; "
             f"choose a tp_size that divides it"
         )
+    unit = vision_cfg.patch_size * vision_cfg.spatial_merge_size
+    if vision_cfg.window_size < unit:
+        raise ConfigError(f"vision.window_size={vision_cfg.window_size} is smaller than patch*merge = {unit}")
     head_dim = vision_cfg.hidden_size // vision_cfg.num_heads
     if head_dim % 4:
         # Half of each head rotates by row, half by column, each half in (cos, sin) pairs.
@@ -234,6 +237,10 @@ def compute_vision_packing(grid_thw: torch.Tensor, vision_cfg: VisionConfig) -> 
     """Window order, rotary positions and attention segments for grid_thw [num_images, 3] (on CPU)."""
     grid = [[int(v) for v in row] for row in grid_thw.tolist()]
     merge = vision_cfg.spatial_merge_size
+    if any(h % merge or w % merge for _, h, w in grid):
+        raise ValueError(
+            f"image grids {grid} must have heights and widths divisible by spatial_merge_size={merge}"
+        )
     unit = merge * merge
     window_units = vision_cfg.window_size // merge // vision_cfg.patch_size
     window_index, window_sizes = compute_window_index(grid, merge, window_units)

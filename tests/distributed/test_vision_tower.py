@@ -8,7 +8,12 @@ one call per image; TP2 output and gradient shards equal TP1's. fp32: only summa
 import pytest
 
 from tests.distributed.harness import run_distributed
-from tests.distributed.vision_workers import CASES, sharded_against_reference, tp1_against_hf
+from tests.distributed.vision_workers import (
+    CASES,
+    checkpoint_reshard,
+    sharded_against_reference,
+    tp1_against_hf,
+)
 
 OUT_TOL = 1e-5
 # Gradients reach |g| ~ 30 here (a sum over every output): compared relative to max(1, max |g|).
@@ -64,3 +69,9 @@ def test_tp2_matches_tp1(case):
     )
     message = out["layout_error"]
     assert message is not None and "num_heads=3" in message and "tp_size=2" in message and "\n" not in message
+
+
+def test_checkpoint_written_at_tp2_loads_at_tp1(tmp_path):
+    """The tower's sharded state dict keeps megatron's TP sharding, so checkpoints reshard."""
+    saved, loaded = run_distributed(checkpoint_reshard, 2, args=(str(tmp_path),), timeout_s=120)[0]
+    assert _max_diff(loaded, saved) <= OUT_TOL

@@ -76,7 +76,7 @@ def build_hf_vision(case: dict):
             param.copy_(
                 1.0 + 0.1 * noise
                 if name.endswith(("norm1.weight", "norm2.weight", "ln_q.weight"))
-                else 0.15 * noise
+                else 0.1 * noise
             )
     return model
 
@@ -179,3 +179,20 @@ def _layout_error_message(groups) -> str | None:
     except LayoutError as err:
         return str(err)
     return "no error"
+
+
+def checkpoint_reshard(directory: str):
+    """Case 'a' saved at TP2 (seed 5), then loaded at TP1 x DP2 into a tower built from seed 77, in
+    the same two processes (megatron's groups are rebuilt in between). Returns both outputs."""
+    from papo_mega.checkpoint import load_model, save_model
+
+    case = CASES["a"]
+    vision_cfg = VisionConfig(enabled=True, **case["vision"])
+    outputs = []
+    for layout, seed, step in (({"tp_size": 2}, 5, save_model), ({}, 77, load_model)):
+        groups = init_distributed(layout, seed=1234)
+        tower = QwenVisionTower(vision_cfg, case["out_hidden_size"], groups, seed=seed)
+        step([tower], directory)
+        with torch.no_grad():
+            outputs.append(tower(*make_images(case)))
+    return outputs if dist.get_rank() == 0 else None
