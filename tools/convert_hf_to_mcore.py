@@ -38,8 +38,10 @@ def convert(args) -> int:
     seconds = time.perf_counter() - start
     gib = result["hf_bytes"] / 2**30
     print(f"converted {args.hf} ({gib:.3f} GiB, {dtype}) -> {args.out} at {result['layout']}")
+    growth = result["peak_rss_growth"]
     print(f"seconds {seconds:.1f}  seconds_per_GiB {seconds / max(gib, 1e-9):.1f}  "
-          f"peak_rss_GiB {result['peak_rss'] / 2**30:.3f}  peak_rss/model_size {result['peak_rss'] / result['hf_bytes']:.2f}")
+          f"peak_rss_GiB {result['peak_rss'] / 2**30:.3f} (per rank; {growth / 2**30:.3f} above the "
+          f"process baseline = {growth / result['hf_bytes']:.2f}x the model size)")
     return 0
 
 

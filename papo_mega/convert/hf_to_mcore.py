@@ -103,10 +103,13 @@ def convert_rank(hf_dir: str, out_dir: str, layout_sizes: dict) -> dict:
     from papo_mega.distributed import init_distributed
     from papo_mega.models.qwen_vl import build_model_chunks
 
+    import psutil
+
     hf_config = read_hf_config(hf_dir)
     model, vision, dtype = configs_from_hf(hf_config)
     reader = SafetensorsReader(hf_dir)
     groups = init_distributed(layout_sizes)
+    baseline = psutil.Process().memory_info().rss  # interpreter, torch and megatron, before any weight
     chunks = build_model_chunks(model, vision, groups, seed=0)
     fill_from_hf(chunks, groups, reader, model, vision, TORCH_DTYPES[dtype], show_progress=groups.rank == 0)
     out, tmp = Path(out_dir), Path(f"{out_dir}.tmp-convert")
@@ -120,5 +123,6 @@ def convert_rank(hf_dir: str, out_dir: str, layout_sizes: dict) -> dict:
         write_metadata(tmp, hf_config, model, vision, dtype)
         tmp.rename(out)  # published only when complete
     peaks = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, peak_rss_bytes())
-    return {"peak_rss": max(peaks), "hf_bytes": reader.total_bytes(), "layout": groups.layout.describe()}
+    dist.all_gather_object(peaks, (peak_rss_bytes(), peak_rss_bytes() - baseline))
+    return {"peak_rss": max(p[0] for p in peaks), "peak_rss_growth": max(p[1] for p in peaks),
+            "hf_bytes": reader.total_bytes(), "layout": groups.layout.describe()}
