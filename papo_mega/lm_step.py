@@ -38,7 +38,14 @@ class MicroBatch:
     loss_mask: torch.Tensor
     """[mbs, S] 1.0 where the token counts in the loss."""
     position_ids: torch.Tensor
-    """[mbs, S]."""
+    """[mbs, S], or [3, mbs, S] for multimodal rope."""
+    pixel_values: torch.Tensor | None = None
+    """[P, C*T*p*p] patches of this micro-batch's images (read by the first pipeline stage)."""
+    image_grid_thw: torch.Tensor | None = None
+    """[N, 3] patch grid of each image."""
+
+    def to(self, device) -> MicroBatch:
+        return MicroBatch(**{k: (v.to(device) if v is not None else None) for k, v in self.__dict__.items()})
 
 
 def split_microbatches(batch: torch.Tensor, groups: ParallelGroups, micro_batch_size: int) -> list[MicroBatch]:
@@ -72,7 +79,8 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def _forward_step(data_iterator, model):
     mb: MicroBatch = next(data_iterator)
-    output = model(mb.tokens, mb.position_ids, attention_mask=None, labels=mb.labels)
+    output = model(mb.tokens, mb.position_ids, attention_mask=None, labels=mb.labels,
+                   pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw)
     return output, partial(_loss_func, mb.loss_mask)
 
 

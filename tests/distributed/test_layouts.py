@@ -46,3 +46,22 @@ def test_data_parallel_training_matches_single_process(name, layout, world, sing
     assert out["losses"] == pytest.approx(single_process_training["losses"], abs=LOSS_TOL)
     assert out["replica_max_diff"] == 0.0, "data-parallel replicas drifted apart"
     assert_tensors_close(out["weights"], single_process_training["weights"], WEIGHT_TOL, f"{name} weights")
+
+
+@pytest.fixture(scope="module")
+def single_process_vlm():
+    from tests.distributed.workers import vlm_loss_and_grads
+
+    return run_distributed(vlm_loss_and_grads, 1, args=({},))[0]
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_vision_language_model_layouts_match_single_process(name, single_process_vlm):
+    """Qwen2.5-VL (vision tower on the first stage, mrope LLM) trains identically at every layout."""
+    from tests.distributed.workers import vlm_loss_and_grads
+
+    layout, world = LAYOUTS[name]
+    out = run_distributed(vlm_loss_and_grads, world, args=(layout,))[0]
+    assert out["loss"] == pytest.approx(single_process_vlm["loss"], abs=LOSS_TOL)
+    assert any(n.startswith("vision.") for n in out["grads"]), "vision tower gradients missing"
+    assert_tensors_close(out["grads"], single_process_vlm["grads"], GRAD_TOL, f"VLM {name} gradients")

@@ -110,3 +110,40 @@ def load_and_probe(layout: dict, directory: str):
     load_model(chunks, directory)
     logits = _probe_logits(chunks, groups, model_cfg.vocab_size)  # collective: every rank runs it
     return logits if dist.get_rank() == 0 else None
+
+
+def vlm_microbatches(model_cfg, vision_cfg, count: int, seed: int = 5) -> list:
+    """`count` single-sequence micro-batches, each with text and one image of its own grid."""
+    from papo_mega.convert.parity import build_probe_inputs
+    from papo_mega.lm_step import MicroBatch
+
+    out = []
+    for i in range(count):
+        probe = build_probe_inputs(model_cfg, vision_cfg, seed=seed + i)
+        row = i % 2
+        patches = probe.image_grid_thw.prod(dim=1).tolist()
+        start = sum(patches[:row])
+        ids = probe.input_ids[row : row + 1]
+        mask = probe.attention_mask[row : row + 1].float()
+        labels = torch.roll(ids, -1, dims=1)
+        loss_mask = mask * torch.roll(mask, -1, dims=1) * (labels != model_cfg.image_token_id)
+        loss_mask[:, -1] = 0
+        out.append(MicroBatch(tokens=ids, labels=labels, loss_mask=loss_mask,
+                              position_ids=probe.position_ids[:, row : row + 1].contiguous(),
+                              pixel_values=probe.pixel_values[start : start + patches[row]],
+                              image_grid_thw=probe.image_grid_thw[row : row + 1]))
+    return out
+
+
+def vlm_loss_and_grads(layout: dict):
+    """The tiny Qwen2.5-VL preset: global token-mean loss and full gradients over 4 micro-batches."""
+    from papo_mega.config import load_config
+    from papo_mega.lm_step import forward_backward
+
+    cfg = load_config(None, ["preset=tiny"])
+    groups = init_distributed(layout, seed=1234)
+    chunks = wrap_ddp(build_model_chunks(cfg.model, cfg.vision, groups, seed=11), groups, use_distributed_optimizer=False)
+    attach_grad_finalisation(chunks)
+    loss = forward_backward(chunks, [mb.to(groups.device) for mb in vlm_microbatches(cfg.model, cfg.vision, 4)], groups)
+    grads = gather_full_tensors(chunks, groups, kind="grad")
+    return {"loss": loss, "grads": grads} if dist.get_rank() == 0 else None
