@@ -44,7 +44,9 @@ class ModelConfig:
     tie_embeddings: bool = _f(False, "Share the input embedding and the output layer.")
     rotary_base: float = _f(10000.0, "Base of the rotary position frequencies.")
     norm_eps: float = _f(1e-6, "RMSNorm epsilon.")
-    precision: str = _f("fp32", "Parameter and compute precision: fp32 | bf16.")
+    precision: str = _f("fp32", "Compute precision: fp32 | bf16 | fp8 (fp8 needs Transformer Engine on CUDA).")
+    fp8_recipe: str = _f("delayed", "Transformer Engine FP8 recipe: delayed | tensorwise | mxfp8 | blockwise.")
+    fp8_format: str = _f("hybrid", "FP8 format: hybrid (e4m3 forward, e5m2 backward) | e4m3.")
     init_std: float = _f(0.02, "Standard deviation of the normal weight initialisation.")
     mrope_section: list = _f([], "Multimodal rotary sections (t, h, w) in rotary pairs, e.g. [16, 24, 24]; [] for 1D rope.")
     image_token_id: int = _f(151655, "Placeholder token id replaced by vision embeddings.")
@@ -70,8 +72,12 @@ class ModelConfig:
                 f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"model.num_query_groups={self.num_query_groups}; pick a divisor of the head count"
             )
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"model.precision={self.precision!r} is not one of fp32, bf16")
+        if self.precision not in ("fp32", "bf16", "fp8"):
+            raise ConfigError(f"model.precision={self.precision!r} is not one of fp32, bf16, fp8")
+        if self.fp8_recipe not in ("delayed", "tensorwise", "mxfp8", "blockwise"):
+            raise ConfigError(f"model.fp8_recipe={self.fp8_recipe!r} is not one of delayed, tensorwise, mxfp8, blockwise")
+        if self.fp8_format not in ("hybrid", "e4m3"):
+            raise ConfigError(f"model.fp8_format={self.fp8_format!r} is not one of hybrid, e4m3")
         head_pairs = self.hidden_size // self.num_attention_heads // 2
         if self.mrope_section and sum(self.mrope_section) != head_pairs:
             raise ConfigError(

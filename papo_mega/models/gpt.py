@@ -1,9 +1,8 @@
 """The decoder language model on megatron-core: its `TransformerConfig` and one `GPTModel` chunk.
 
-On CPU (and whenever Transformer Engine is absent) the local layer spec is used, with fusions
-off and fp32; parameters are initialised on the CPU so that every layout draws the same weights
-from the same seed (megatron's CPU initialisation builds the full matrix and keeps this rank's
-slice).
+On CUDA with Transformer Engine the TE layer spec is used (and `precision: fp8` turns on TE's FP8
+autocast with the configured recipe); otherwise megatron-core's local spec, with fusions off.
+Parameters are initialised on the CPU, then overwritten by the layout-invariant init.
 """
 
 from __future__ import annotations
@@ -11,9 +10,36 @@ from __future__ import annotations
 import torch
 
 from papo_mega.config import ModelConfig
+from papo_mega.errors import ConfigError
 from papo_mega.distributed.runtime import ParallelGroups
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# fp8 keeps bf16 parameters; Transformer Engine casts GEMM inputs to fp8 inside its autocast.
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+
+
+def transformer_engine_usable() -> bool:
+    """Transformer Engine imports and a CUDA device is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_layer_spec(model: ModelConfig):
+    """Transformer Engine's fused spec on CUDA with TE; megatron-core's local spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if transformer_engine_usable():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    if model.precision == "fp8":
+        raise ConfigError(
+            "model.precision=fp8 needs Transformer Engine on a CUDA machine; install papo_mega[gpu] on a GPU "
+            "node or set model.precision=bf16"
+        )
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
 def build_transformer_config(model: ModelConfig, groups: ParallelGroups):
@@ -66,18 +92,19 @@ def build_transformer_config(model: ModelConfig, groups: ParallelGroups):
         # direction and stays exact.
         batch_p2p_comm=not on_cpu,
         mrope_section=list(model.mrope_section) or None,
+        fp8=model.fp8_format if model.precision == "fp8" else None,
+        fp8_recipe=model.fp8_recipe,
     )
 
 
 def build_language_model(model: ModelConfig, config, groups: ParallelGroups, vp_stage: int | None):
-    """One pipeline chunk of the decoder LM (megatron-core GPTModel, local spec)."""
+    """One pipeline chunk of the decoder LM (megatron-core GPTModel; TE or local spec, see select_layer_spec)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=select_layer_spec(model),
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.max_seq_len,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
