@@ -41,8 +41,13 @@ def unit_of(name: str) -> str:
     return f"layer.{match.group(1)}" if match else "globals"
 
 
-def map_unit(unit: str, reader: SafetensorsReader, model: ModelConfig, vision: VisionConfig) -> dict:
-    """Full single-process tensors (our names) of one unit, read from the HF checkpoint."""
+def map_unit(unit: str, reader: SafetensorsReader, model: ModelConfig, vision: VisionConfig,
+             wanted: set[str] | None = None) -> dict:
+    """Full single-process tensors (our names) of one unit, read from the HF checkpoint.
+
+    For the global unit only the tensors behind `wanted` are read (the first stage needs the
+    embedding, the last stage the final norm and output layer).
+    """
     if unit == "vision":
         from papo_mega.models.vision_hf import vision_hf_to_mcore
 
@@ -50,8 +55,15 @@ def map_unit(unit: str, reader: SafetensorsReader, model: ModelConfig, vision: V
     if unit.startswith("layer."):
         i = int(unit.split(".")[1])
         return lm_layer_hf_to_mcore(reader.get_many(f"model.layers.{i}."), i, model)
-    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if model.tie_embeddings else ["lm_head.weight"])
-    return lm_globals_hf_to_mcore({n: reader.get(n) for n in names}, model)
+    sources = {"lm.embedding.word_embeddings.weight": "model.embed_tokens.weight",
+               "lm.decoder.final_layernorm.weight": "model.norm.weight", "lm.output_layer.weight": "lm_head.weight"}
+    needed = [theirs for ours, theirs in sources.items() if wanted is None or ours in wanted]
+    if model.tie_embeddings:
+        needed = [n for n in needed if n != "lm_head.weight"]
+    # Absent entries map to tensors this rank does not hold: stand in empty ones, then drop them.
+    hf = {n: reader.get(n) if n in needed else torch.empty(0, 0) for n in sources.values()}
+    mapped = lm_globals_hf_to_mcore(hf, model)
+    return {k: v for k, v in mapped.items() if sources[k] in needed}
 
 
 @torch.no_grad()
@@ -63,7 +75,7 @@ def fill_from_hf(chunks, groups, reader: SafetensorsReader, model: ModelConfig, 
         for name, param in named_local_params(chunk):
             params_by_unit.setdefault(unit_of(name), []).append((name, param))
     for unit in tqdm(sorted(params_by_unit), desc="convert", disable=not show_progress):
-        full = map_unit(unit, reader, model, vision)
+        full = map_unit(unit, reader, model, vision, wanted={name for name, _ in params_by_unit[unit]})
         for name, param in params_by_unit[unit]:
             if name not in full:
                 raise PapoError(f"no HF tensor maps to {name}; the checkpoint does not match its config.json")
@@ -110,7 +122,7 @@ def convert_rank(hf_dir: str, out_dir: str, layout_sizes: dict) -> dict:
     reader = SafetensorsReader(hf_dir)
     groups = init_distributed(layout_sizes)
     baseline = psutil.Process().memory_info().rss  # interpreter, torch and megatron, before any weight
-    chunks = build_model_chunks(model, vision, groups, seed=0)
+    chunks = build_model_chunks(model, vision, groups, initialise=False)
     fill_from_hf(chunks, groups, reader, model, vision, TORCH_DTYPES[dtype], show_progress=groups.rank == 0)
     out, tmp = Path(out_dir), Path(f"{out_dir}.tmp-convert")
     if groups.rank == 0:

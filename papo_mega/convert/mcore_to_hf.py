@@ -37,7 +37,7 @@ def export_rank(ckpt_dir: str, out_dir: str) -> dict:
 
     meta, model, vision = read_metadata(ckpt_dir)
     groups = init_distributed({})
-    chunks = build_model_chunks(model, vision, groups, seed=0)
+    chunks = build_model_chunks(model, vision, groups, initialise=False)
     load_model(chunks, Path(ckpt_dir) / "model")
     ours = {name: param.detach() for chunk in chunks for name, param in named_local_params(chunk)}
     hf = full_state_to_hf(ours, model, vision, meta["hf_dtype"])

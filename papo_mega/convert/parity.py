@@ -73,7 +73,7 @@ def our_logits_rank(ckpt_dir: str, layout_sizes: dict, inputs: ModelInputs) -> t
     _, model, vision = read_metadata(ckpt_dir)
     model.precision = "fp32"  # parity is judged in fp32, whatever the stored dtype
     groups = init_distributed(layout_sizes)
-    chunks = build_model_chunks(model, vision, groups, seed=0)
+    chunks = build_model_chunks(model, vision, groups, initialise=False)
     load_model(chunks, Path(ckpt_dir) / "model")
     logits = compute_full_logits(chunks, groups, inputs, model.vocab_size)
     return logits if dist.get_rank() == 0 else None

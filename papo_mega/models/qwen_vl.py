@@ -95,8 +95,12 @@ class QwenVLChunk(MegatronModule):
 
 
 def build_model_chunks(model: ModelConfig, vision_cfg: VisionConfig | None, groups: ParallelGroups,
-                       seed: int = 1234) -> list[QwenVLChunk]:
-    """This rank's chunks, one per virtual pipeline stage; the same weights at every layout."""
+                       seed: int = 1234, initialise: bool = True) -> list[QwenVLChunk]:
+    """This rank's chunks, one per virtual pipeline stage; the same weights at every layout.
+
+    initialise=False skips the layout-invariant init (its full-size draws) when every weight is
+    about to be loaded anyway (conversion, checkpoint loading).
+    """
     groups.layout.check_model(
         num_layers=model.num_layers,
         num_attention_heads=model.num_attention_heads,
@@ -114,5 +118,6 @@ def build_model_chunks(model: ModelConfig, vision_cfg: VisionConfig | None, grou
 
             vision = QwenVisionTower(vision_cfg, model.hidden_size, groups, model.precision).to(groups.device)
         chunks.append(QwenVLChunk(model, lm, vision, groups))
-    apply_layout_invariant_init(chunks, groups, seed, model.init_std, model.num_layers)
+    if initialise:
+        apply_layout_invariant_init(chunks, groups, seed, model.init_std, model.num_layers)
     return chunks
