@@ -117,6 +117,32 @@ class VisionConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where samples come from and how images and prompts are prepared."""
+
+    train_shards: str = _f("", "Directory of webdataset shards (with manifest.json) for training.")
+    eval_shards: str = _f("", "Directory of webdataset shards for evaluation.")
+    shuffle_buffer: int = _f(256, "Samples held by the seeded shuffle buffer (0: no shuffling).")
+    num_workers: int = _f(0, "Loader worker processes per data-parallel rank.")
+    min_pixels: int = _f(56 * 56, "Smallest image area after smart resize (Qwen2.5-VL: 3136).")
+    max_pixels: int = _f(28 * 28 * 1280, "Largest image area after smart resize (Qwen2.5-VL: 1003520).")
+    mask_ratio: float = _f(0.6, "PAPO: probability that a 14x14-pixel cell is blackened.")
+    mask_cell: int = _f(14, "PAPO: side of a masking cell in pixels.")
+    mask_mode: str = _f("pixel", "PAPO mask: pixel (cells on the raw image) | patch (whole vision patches).")
+    tokenizer: str = _f("", "tokenizer.json (HF tokenizers) or *.model (sentencepiece); '' builds the tiny one.")
+    max_prompt_len: int = _f(4096, "Longest prompt in tokens; longer prompts are skipped and counted.")
+    max_skip_fraction: float = _f(0.01, "Stop with an error when more than this share of samples is skipped.")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mask_ratio <= 1.0:
+            raise ConfigError(f"data.mask_ratio={self.mask_ratio} must be within [0, 1]")
+        if self.mask_mode not in ("pixel", "patch"):
+            raise ConfigError(f"data.mask_mode={self.mask_mode!r} is not one of pixel, patch")
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"data.min_pixels={self.min_pixels} exceeds data.max_pixels={self.max_pixels}")
+
+
+@dataclass
 class ParallelConfig:
     """How the model and batch are split across ranks; dp is derived from the world size."""
 
@@ -171,6 +197,7 @@ class Config:
     preset: str = _f("", "Architecture preset filling model/vision (tiny, qwen2.5-vl-3b/7b/32b/72b); '' for none.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Language model architecture."})
     vision: VisionConfig = field(default_factory=VisionConfig, metadata={"doc": "Vision tower architecture."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Data, images, masking, prompts."})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "Parallel layout."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Optimisation and batching."})
     run: RunConfig = field(default_factory=RunConfig, metadata={"doc": "Run directory and name."})

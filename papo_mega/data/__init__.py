@@ -1,0 +1,1 @@
+"""Data: shards, image processing, PAPO masking, tokenizers and prompts, the synthetic task suite."""

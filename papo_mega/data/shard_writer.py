@@ -1,0 +1,107 @@
+"""Write samples as webdataset tar shards with a manifest (what make_shards and make_synthetic emit).
+
+Sample format: one tar member per field under a shared key - the image bytes as `<key>.png` or
+`<key>.jpg`, and `<key>.json` holding at least `question` and `answer` (plus `task` and any extra
+fields). Shards are `shard-000000.tar`, ... with a fixed number of samples each (the last may be
+short). `manifest.json` lists every shard with its sample count - readers use it for exact resume
+and epoch accounting.
+
+Each shard is written under a temporary name and renamed when closed, and the manifest is
+rewritten after every shard, so an interrupted run never leaves a shard that looks complete but
+is not, and a rerun with `resume=True` continues after the last complete shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Sample:
+    """One example: a stable key, the encoded image, and the JSON metadata."""
+
+    key: str
+    image_bytes: bytes
+    image_ext: str
+    """'png' or 'jpg'."""
+    meta: dict
+    """At least 'question' and 'answer'."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {"shards": [], "samples_per_shard": None}
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, directory / MANIFEST)
+
+
+def _write_shard(path: Path, samples: list[Sample]) -> None:
+    tmp = path.with_suffix(".tar.tmp")
+    with open(tmp, "wb") as stream, wds.TarWriter(stream) as writer:
+        for s in samples:
+            writer.write({"__key__": s.key, s.image_ext: s.image_bytes,
+                          "json": json.dumps(s.meta, ensure_ascii=False).encode()})
+    os.replace(tmp, path)
+
+
+def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
+    batch: list[Sample] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def write_shards(samples: Iterable[Sample], out_dir: str | Path, samples_per_shard: int,
+                 resume: bool = False, extra_manifest: dict | None = None) -> dict:
+    """Write samples into shards; returns the manifest.
+
+    With resume=True, shards already listed in the manifest are kept and the first
+    `sum(counts)` samples of the iterator are skipped (the iterator must be deterministic).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(out) if resume else {"shards": [], "samples_per_shard": samples_per_shard}
+    if resume and manifest["samples_per_shard"] not in (None, samples_per_shard):
+        raise ValueError(f"{out} was written with {manifest['samples_per_shard']} samples per shard, "
+                         f"not {samples_per_shard}; resume with the same value or use a new directory")
+    manifest["samples_per_shard"] = samples_per_shard
+    manifest.update(extra_manifest or {})
+    done = sum(entry["count"] for entry in manifest["shards"])
+    iterator = iter(samples)
+    for _ in range(done):
+        next(iterator, None)
+    for batch in _batches(iterator, samples_per_shard):
+        name = shard_name(len(manifest["shards"]))
+        _write_shard(out / name, batch)
+        manifest["shards"].append({"name": name, "count": len(batch)})
+        _write_manifest(out, manifest)
+    _write_manifest(out, manifest)
+    return manifest
+
+
+def encode_png(image) -> bytes:
+    """PIL image -> PNG bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
