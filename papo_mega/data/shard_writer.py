@@ -8,7 +8,9 @@ and epoch accounting.
 
 Each shard is written under a temporary name and renamed when closed, and the manifest is
 rewritten after every shard, so an interrupted run never leaves a shard that looks complete but
-is not, and a rerun with `resume=True` continues after the last complete shard.
+is not, and a rerun with `resume=True` continues after the last complete shard. Tar headers carry
+a fixed mtime, so the same samples always give byte-identical shards (a resumed conversion equals
+an uninterrupted one).
 """
 
 from __future__ import annotations
@@ -52,9 +54,18 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
+def update_manifest(directory: str | Path, fields: dict) -> dict:
+    """Set top-level manifest fields (e.g. `complete`, a skip report) atomically; returns the manifest."""
+    manifest = read_manifest(directory)
+    manifest.update(fields)
+    _write_manifest(Path(directory), manifest)
+    return manifest
+
+
 def _write_shard(path: Path, samples: list[Sample]) -> None:
     tmp = path.with_suffix(".tar.tmp")
-    with open(tmp, "wb") as stream, wds.TarWriter(stream) as writer:
+    # mtime=0: headers must not depend on the wall clock, or reruns would not be byte-identical.
+    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as writer:
         for s in samples:
             writer.write({"__key__": s.key, s.image_ext: s.image_bytes,
                           "json": json.dumps(s.meta, ensure_ascii=False).encode()})
