@@ -83,6 +83,10 @@ class QwenVLChunk(MegatronModule):
     def forward(self, input_ids, position_ids, attention_mask=None, labels=None,
                 pixel_values=None, image_grid_thw=None):
         decoder_input = self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        if labels is not None and self.lm.vocab_size == self.vocab_size:
+            # No padded columns to mask: megatron's loss on its own [s, b, v] logits saves a full
+            # transpose copy of the logits (forward and backward).
+            return self.lm(input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels)
         output = self.lm(input_ids, position_ids, attention_mask, decoder_input=decoder_input)
         if not self.post_process:
             return output

@@ -3,9 +3,10 @@
 megatron-core's local `DotProductAttention` materialises the [b*heads, s, s] score matrix with
 baddbmm, builds an explicit causal mask, applies a masked-fill and an unfused softmax, and copies
 keys/values with repeat_interleave for GQA. On CPU (where Transformer Engine is absent) that is the
-single largest cost of a training step. `SdpaDotProductAttention` computes the same function with
-one SDPA call (fused causal softmax, GQA without the copies) whenever it can do so exactly, and
-defers to the stock implementation otherwise, so switching specs never changes what is computed.
+largest cost of a training step outside the GEMMs, and it grows with the square of the sequence.
+`SdpaDotProductAttention` computes the same function with one SDPA call (fused causal softmax, GQA
+without the copies) whenever it can do so exactly, and defers to the stock implementation
+otherwise, so switching specs never changes what is computed. See docs/benchmarks.md.
 """
 
 from __future__ import annotations

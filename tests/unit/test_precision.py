@@ -11,10 +11,10 @@ from papo_mega.models import gpt
 def test_local_spec_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from papo_mega.models.sdpa_attention import SdpaDotProductAttention
 
     spec = gpt.select_layer_spec(ModelConfig(precision="bf16"))
-    assert spec.submodules.self_attention.submodules.core_attention is DotProductAttention
+    assert spec.submodules.self_attention.submodules.core_attention is SdpaDotProductAttention
 
 
 def test_fp8_without_transformer_engine_is_a_clear_error(monkeypatch):
