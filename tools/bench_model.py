@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-iters", type=int, default=3, help="profiled steps per variant; 0 skips")
     p.add_argument("--top", type=int, default=10, help="ops listed per profile")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--vlm", action="store_true", help="run the Qwen2.5-VL comparison instead (tools/bench_vlm.py)")
     return p.parse_args(argv)
 
 
@@ -317,6 +318,11 @@ def report(times: dict[str, list[float]], mode_calls: int, mode_us: float) -> No
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.vlm:
+        import bench_vlm  # tools/ is on sys.path when this script runs
+
+        bench_vlm.main(["--threads", str(args.threads)])
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     mcore, hf = build_variants(args)
