@@ -111,11 +111,11 @@ def peak_rss_bytes() -> int:
 
 def convert_rank(hf_dir: str, out_dir: str, layout_sizes: dict) -> dict:
     """Run on every rank of the conversion job; returns this rank's peak RSS (bytes)."""
+    import psutil
+
     from papo_mega.checkpoint import save_model
     from papo_mega.distributed import init_distributed
     from papo_mega.models.qwen_vl import build_model_chunks
-
-    import psutil
 
     hf_config = read_hf_config(hf_dir)
     model, vision, dtype = configs_from_hf(hf_config)

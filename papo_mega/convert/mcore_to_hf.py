@@ -17,6 +17,7 @@ from papo_mega.convert.safetensors_io import write_safetensors
 from papo_mega.errors import PapoError
 from papo_mega.models.lm_hf import lm_mcore_to_hf
 
+
 def full_state_to_hf(ours: dict[str, torch.Tensor], model, vision, dtype: str) -> dict[str, torch.Tensor]:
     """Our full single-process tensors -> HF hub-named tensors in the original dtype."""
     from papo_mega.models.vision_hf import vision_mcore_to_hf

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 
 from papo_mega.config import ModelConfig
-from papo_mega.errors import ConfigError
 from papo_mega.distributed.runtime import ParallelGroups
+from papo_mega.errors import ConfigError
 
 # fp8 keeps bf16 parameters; Transformer Engine casts GEMM inputs to fp8 inside its autocast.
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
 def transformer_engine_usable() -> bool:
@@ -46,42 +46,24 @@ def select_layer_spec(model: ModelConfig):
     return get_local_layer_spec(normalization="RMSNorm")
 
 
-def build_transformer_config(model: ModelConfig, groups: ParallelGroups):
-    """megatron-core's TransformerConfig for this model at this layout."""
-    from megatron.core.transformer import TransformerConfig
-
-    layout = groups.layout
-    on_cpu = groups.device.type == "cpu"
-    dtype = _DTYPES[model.precision]
-    return TransformerConfig(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        ffn_hidden_size=model.ffn_hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-        kv_channels=model.hidden_size // model.num_attention_heads,
-        tensor_model_parallel_size=layout.tp_size,
-        pipeline_model_parallel_size=layout.pp_size,
-        virtual_pipeline_model_parallel_size=layout.vpp_size,
-        context_parallel_size=layout.cp_size,
+def shared_transformer_settings(precision: str, on_cpu: bool) -> dict:
+    """TransformerConfig settings shared by the language model and the vision tower."""
+    dtype = PARAM_DTYPES[precision]
+    return dict(
         pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         normalization="RMSNorm",
-        layernorm_epsilon=model.norm_eps,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
         add_qkv_bias=True,
-        init_method_std=model.init_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # Same weights at every layout: initialise the full matrix on CPU, keep our slice.
+        # Weights are overwritten by the layout-invariant init or a checkpoint, but megatron's own
+        # draw stays on: with it off, megatron 0.16 never marks weights as tensor-parallel
+        # (partition_dim etc.), which sharding, DDP and checkpoints rely on.
         use_cpu_initialization=True,
         perform_initialization=True,
-        # The token-mean over the whole global batch is done by finalize_model_grads (exact
-        # under any number of micro-batches and DP ranks), not by dividing per micro-batch.
-        calculate_per_token_loss=True,
         # Fused kernels need CUDA (and apex/TE); the local path is plain torch.
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -95,6 +77,32 @@ def build_transformer_config(model: ModelConfig, groups: ParallelGroups):
         # activations and gradients of equal shape silently; unbatched p2p uses one group per
         # direction and stays exact.
         batch_p2p_comm=not on_cpu,
+    )
+
+
+def build_transformer_config(model: ModelConfig, groups: ParallelGroups):
+    """megatron-core's TransformerConfig for the language model at this layout."""
+    from megatron.core.transformer import TransformerConfig
+
+    layout = groups.layout
+    return TransformerConfig(
+        **shared_transformer_settings(model.precision, groups.device.type == "cpu"),
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        tensor_model_parallel_size=layout.tp_size,
+        pipeline_model_parallel_size=layout.pp_size,
+        virtual_pipeline_model_parallel_size=layout.vpp_size,
+        context_parallel_size=layout.cp_size,
+        layernorm_epsilon=model.norm_eps,
+        add_bias_linear=False,
+        init_method_std=model.init_std,
+        # The token-mean over the whole global batch is done by finalize_model_grads (exact
+        # under any number of micro-batches and DP ranks), not by dividing per micro-batch.
+        calculate_per_token_loss=True,
         mrope_section=list(model.mrope_section) or None,
         fp8=model.fp8_format if model.precision == "fp8" else None,
         fp8_recipe=model.fp8_recipe,

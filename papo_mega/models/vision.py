@@ -28,10 +28,10 @@ from papo_mega.distributed.layout import ParallelLayout
 from papo_mega.distributed.runtime import ParallelGroups
 from papo_mega.distributed.sharding import full_shape, take_local_shard
 from papo_mega.errors import ConfigError, LayoutError
+from papo_mega.models.gpt import PARAM_DTYPES, shared_transformer_settings
 from papo_mega.models.init import init_value
 from papo_mega.models.packed_attention import PackedSdpaAttention, build_segment_mask
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROTARY_THETA = 10000.0
 """Base of the vision rotary frequencies (fixed in Qwen2.5-VL's vision config)."""
 
@@ -64,14 +64,16 @@ def check_vision_layout(vision_cfg: VisionConfig, layout: ParallelLayout) -> Non
 def build_vision_transformer_config(
     vision_cfg: VisionConfig, groups: ParallelGroups, precision: str = "fp32"
 ):
-    """megatron-core's TransformerConfig for the vision tower at this tensor-parallel size."""
+    """megatron-core's TransformerConfig for the vision tower at this tensor-parallel size.
+
+    fp8 runs the tower in bf16 (its packed attention is not a Transformer Engine module).
+    """
     from megatron.core.transformer import TransformerConfig
 
-    if precision not in _DTYPES:
-        raise ConfigError(f"vision tower precision={precision!r} is not one of {', '.join(_DTYPES)}")
-    dtype = _DTYPES[precision]
-    on_cpu = groups.device.type == "cpu"
+    if precision not in PARAM_DTYPES:
+        raise ConfigError(f"vision tower precision={precision!r} is not one of {', '.join(PARAM_DTYPES)}")
     return TransformerConfig(
+        **shared_transformer_settings(precision, groups.device.type == "cpu"),
         num_layers=vision_cfg.depth,
         hidden_size=vision_cfg.hidden_size,
         ffn_hidden_size=vision_cfg.intermediate_size,
@@ -82,32 +84,8 @@ def build_vision_transformer_config(
         # The whole tower runs on the first pipeline stage, in front of the language model.
         pipeline_model_parallel_size=1,
         context_parallel_size=1,
-        pipeline_dtype=dtype,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        normalization="RMSNorm",
         layernorm_epsilon=vision_cfg.norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
         add_bias_linear=True,
-        add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        # Every weight is overwritten by `init_vision_tower` (or a checkpoint), but megatron's own
-        # draw stays on: with it off, megatron 0.16 never marks weights as tensor-parallel
-        # (partition_dim etc.), which sharding, DDP and checkpoints rely on.
-        use_cpu_initialization=True,
-        perform_initialization=True,
-        # Plain torch paths: the fused kernels need CUDA/apex/TE, and torch's RMSNorm (the local
-        # spec's norm) refuses persist_layer_norm.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        deallocate_pipeline_outputs=not on_cpu,
-        batch_p2p_comm=not on_cpu,
     )
 
 
