@@ -23,6 +23,7 @@ import torch
 warnings.filterwarnings("ignore")
 
 from papo_mega.config import load_config  # noqa: E402
+from papo_mega.convert.hf_config import hf_config_kwargs  # noqa: E402
 from papo_mega.convert.hf_to_mcore import fill_from_hf  # noqa: E402
 from papo_mega.convert.parity import build_probe_inputs  # noqa: E402
 from papo_mega.convert.safetensors_io import SafetensorsReader  # noqa: E402
@@ -34,20 +35,7 @@ def hf_model_of(cfg, directory: Path):
     """A random transformers Qwen2.5-VL with our config's shape, saved to `directory`."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    m, v = cfg.model, cfg.vision
-    config = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
-                         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
-                         vocab_size=m.vocab_size, rope_scaling={"type": "mrope", "mrope_section": m.mrope_section},
-                         rope_theta=m.rotary_base, rms_norm_eps=m.norm_eps, max_position_embeddings=m.max_seq_len,
-                         tie_word_embeddings=m.tie_embeddings),
-        vision_config=dict(depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                           num_heads=v.num_heads, out_hidden_size=m.hidden_size, window_size=v.window_size,
-                           fullatt_block_indexes=v.fullatt_block_indexes, patch_size=v.patch_size,
-                           spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size),
-        image_token_id=m.image_token_id, video_token_id=m.video_token_id,
-        vision_start_token_id=m.vision_start_token_id, vision_end_token_id=m.vision_end_token_id,
-        tie_word_embeddings=m.tie_embeddings)
+    config = Qwen2_5_VLConfig(**hf_config_kwargs(cfg.model, cfg.vision))
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.save_pretrained(directory)
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, dtype=torch.float32,

@@ -81,3 +81,26 @@ def configs_from_hf(config: dict) -> tuple[ModelConfig, VisionConfig, str]:
         fullatt_block_indexes=list(vision.get("fullatt_block_indexes", [])),
     )
     return model, vision_cfg, dtype
+
+
+def hf_config_kwargs(model: ModelConfig, vision: VisionConfig) -> dict:
+    """Keyword arguments of transformers' `Qwen2_5_VLConfig` for our model/vision sections
+    (the inverse of `configs_from_hf`, for checkpoints that did not come from Hugging Face)."""
+    return dict(
+        text_config=dict(
+            hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size,
+            num_hidden_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
+            num_key_value_heads=model.num_query_groups, vocab_size=model.vocab_size,
+            rope_scaling={"type": "mrope", "mrope_section": list(model.mrope_section)},
+            rope_theta=model.rotary_base, rms_norm_eps=model.norm_eps,
+            max_position_embeddings=model.max_seq_len, tie_word_embeddings=model.tie_embeddings),
+        vision_config=dict(
+            depth=vision.depth, hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+            num_heads=vision.num_heads, out_hidden_size=model.hidden_size, window_size=vision.window_size,
+            fullatt_block_indexes=list(vision.fullatt_block_indexes), patch_size=vision.patch_size,
+            spatial_merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size,
+            in_channels=vision.in_channels),
+        image_token_id=model.image_token_id, video_token_id=model.video_token_id,
+        vision_start_token_id=model.vision_start_token_id, vision_end_token_id=model.vision_end_token_id,
+        tie_word_embeddings=model.tie_embeddings,
+    )

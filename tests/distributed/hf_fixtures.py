@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+from papo_mega.config import ModelConfig, VisionConfig
+from papo_mega.convert.hf_config import hf_config_kwargs
+
 # Several shapes: tied and untied embeddings, GQA, odd widths, different window/full patterns.
 TINY_HF_CONFIGS = {
     "tied_gqa": dict(text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -25,21 +28,20 @@ def make_tiny_hf(directory: Path, name: str, dtype: torch.dtype = torch.float32,
 
     spec = TINY_HF_CONFIGS[name]
     text, vision = dict(spec["text"]), dict(spec["vision"])
-    mrope, tie = text.pop("mrope"), text.pop("tie")
     vocab = text["vocab_size"]
-    config = Qwen2_5_VLConfig(
-        text_config=dict(**text, rope_scaling={"type": "mrope", "mrope_section": mrope}, rope_theta=10000.0,
-                         max_position_embeddings=1024, tie_word_embeddings=tie, rms_norm_eps=1e-6),
-        vision_config=dict(**vision, out_hidden_size=text["hidden_size"], patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
+    model = ModelConfig(
+        num_layers=text["num_hidden_layers"], hidden_size=text["hidden_size"],
+        ffn_hidden_size=text["intermediate_size"], num_attention_heads=text["num_attention_heads"],
+        num_query_groups=text["num_key_value_heads"], vocab_size=vocab, mrope_section=text["mrope"],
+        tie_embeddings=text["tie"], rotary_base=10000.0, norm_eps=1e-6, max_seq_len=1024,
         image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
-        vision_end_token_id=vocab - 1, tie_word_embeddings=tie,
-    )
+        vision_end_token_id=vocab - 1)
+    config = Qwen2_5_VLConfig(**hf_config_kwargs(model, VisionConfig(enabled=True, **vision)))
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    hf_model = Qwen2_5_VLForConditionalGeneration(config)
     with torch.no_grad():  # non-trivial norms and biases, so a mapping mistake cannot hide
-        for pname, param in model.named_parameters():
+        for pname, param in hf_model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):
                 param.add_(0.1 * torch.randn_like(param))
-    model.to(dtype).save_pretrained(directory)
+    hf_model.to(dtype).save_pretrained(directory)
     return directory
