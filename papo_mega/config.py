@@ -183,6 +183,46 @@ class TrainConfig:
 
 
 @dataclass
+class LossConfig:
+    """The PAPO / GRPO / DAPO objective (docs/algorithm.md; defaults: PAPO-G as published for 3B)."""
+
+    clip_low: float = _f(0.2, "PPO lower clip: the ratio is clipped at 1 - clip_low.")
+    clip_high: float = _f(0.3, "PPO upper clip: the ratio is clipped at 1 + clip_high (0.28 for DAPO/PAPO-D).")
+    clip_dual: float | None = _f(3.0, "Dual clip: for negative advantages the loss is bounded by -clip_dual*A; null for off.")
+    kl_coef: float = _f(0.01, "beta: weight of the KL to the reference model (0 drops the reference, as DAPO/PAPO-D do).")
+    kl_estimator: str = _f("k3", "Reference KL estimator on sampled tokens: k1 | k2 | k3.")
+    prcp_coef: float = _f(0.02, "gamma: weight of the implicit perception loss KL_prcp (maximised); 0 for GRPO.")
+    prcp_clip: float | None = _f(None, "Clamp KL_prcp to [0, prcp_clip] before weighting (reference code option; null for off).")
+    entropy_coef: float = _f(0.0, "eta1: weight of the entropy penalty on the original view.")
+    masked_entropy_coef: float = _f(0.0, "eta2: weight of the entropy penalty on the masked view.")
+    entropy_estimator: str = _f("sampled", "Entropy for the penalties: sampled (-log p of the sampled token, reference code) | full (whole vocabulary).")
+    masked_grad: bool = _f(False, "false: masked log-probs from the no-grad old-policy forward (reference code); true: both views get gradient (paper).")
+    temperature: float = _f(1.0, "Log-probs are of logits / temperature (the rollout temperature).")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.clip_low < 1.0 or self.clip_high < 0.0:
+            raise ConfigError(f"loss.clip_low={self.clip_low} must be in [0, 1) and loss.clip_high={self.clip_high} >= 0")
+        if self.clip_dual is not None and self.clip_dual <= 1.0:
+            raise ConfigError(f"loss.clip_dual={self.clip_dual} must be > 1 (3.0 is usual) or null for off")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError(f"loss.kl_estimator={self.kl_estimator!r} is not one of k1 | k2 | k3")
+        if self.entropy_estimator not in ("sampled", "full"):
+            raise ConfigError(f"loss.entropy_estimator={self.entropy_estimator!r} is not one of sampled | full")
+        for name in ("kl_coef", "prcp_coef", "entropy_coef", "masked_entropy_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name}={getattr(self, name)} must be >= 0 (the sign of each term is fixed by PAPO)")
+        if self.prcp_clip is not None and self.prcp_clip <= 0:
+            raise ConfigError(f"loss.prcp_clip={self.prcp_clip} must be > 0 or null for off")
+        if self.temperature <= 0:
+            raise ConfigError(f"loss.temperature={self.temperature} must be > 0")
+
+    @property
+    def needs_masked_view(self) -> bool:
+        """Whether the masked image view must be computed (its terms have weight, or masked_grad)."""
+        return self.prcp_coef > 0 or self.masked_entropy_coef > 0 or self.masked_grad
+
+
+@dataclass
 class RunConfig:
     """Where a run writes and what it is called."""
 
@@ -200,6 +240,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Data, images, masking, prompts."})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "Parallel layout."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Optimisation and batching."})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"doc": "PAPO / GRPO / DAPO objective."})
     run: RunConfig = field(default_factory=RunConfig, metadata={"doc": "Run directory and name."})
 
     def check(self, world_size: int) -> None:

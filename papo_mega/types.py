@@ -25,3 +25,42 @@ class ModelInputs:
     def to(self, device) -> ModelInputs:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return replace(self, **moved)
+
+
+@dataclass
+class PolicyMicroBatch:
+    """One micro-batch of rollouts for the policy update, aligned for next-token prediction.
+
+    Column t of every [B, S] tensor is about the token predicted at position t, i.e.
+    input_ids[:, t + 1]: targets[:, t] is that token, response_mask[:, t] is 1 when it belongs to
+    a response, and the log-probs are of it. Both image views share everything but the pixels.
+    """
+
+    input_ids: torch.Tensor
+    """[B, S] prompt + response token ids, right-padded."""
+    position_ids: torch.Tensor
+    """[3, B, S] multimodal rotary positions ([B, S] for a 1D-rope text model)."""
+    targets: torch.Tensor
+    """[B, S] the next token at each position (global vocabulary ids)."""
+    response_mask: torch.Tensor
+    """[B, S] 1.0 where targets[:, t] is a response token that counts in the loss."""
+    advantages: torch.Tensor
+    """[B] per sequence or [B, S] per token."""
+    pixel_values: torch.Tensor | None = None
+    """[P, C*T*p*p] patches of this micro-batch's images (original view)."""
+    masked_pixel_values: torch.Tensor | None = None
+    """[P, C*T*p*p] the same patches after PAPO masking (same grid, same token ids)."""
+    image_grid_thw: torch.Tensor | None = None
+    """[N, 3] patch grid of each image (shared by both views)."""
+    old_logp: torch.Tensor | None = None
+    """[B, S] log-probs under the rollout (pre-update) policy, original view."""
+    masked_logp: torch.Tensor | None = None
+    """[B, S] log-probs of the masked view under the pre-update policy (masked_grad=false)."""
+    masked_entropy: torch.Tensor | None = None
+    """[B, S] full-vocabulary entropy of the masked view (entropy_estimator=full, masked_grad=false)."""
+    ref_logp: torch.Tensor | None = None
+    """[B, S] log-probs under the frozen reference model."""
+
+    def to(self, device) -> PolicyMicroBatch:
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return replace(self, **moved)

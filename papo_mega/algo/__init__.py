@@ -1,0 +1,1 @@
+"""The algorithm: advantages, vocab-parallel log-probs, the PAPO loss, two-view batching, reductions."""

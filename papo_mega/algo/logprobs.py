@@ -1,0 +1,136 @@
+"""Log-prob of the sampled token and full-vocabulary entropy from vocabulary-parallel logits.
+
+Each tensor-parallel rank holds logits for its slice of the vocabulary, [..., V/tp]. Full logits
+are never gathered: per token we all-reduce the max, then (sum of exp, target logit, sum of
+p * z) over the TP group - two collectives per chunk of tokens.
+
+Memory: the work runs over chunks of `chunk_tokens` tokens and the backward recomputes each
+chunk's softmax from the saved logits, so the extra memory beyond the logits and their gradient
+is O(chunk_tokens * V/tp), not a handful of [tokens, V] tensors as in a naive log_softmax
+(measured in tools/bench_algo.py, docs/algorithm.md).
+
+Why not megatron-core's vocab_parallel_cross_entropy: it gives the log-prob but not the entropy,
+works in place on a float copy of the whole logits and keeps the whole softmax for backward. We
+use its VocabUtility for the shard's vocabulary range.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_CHUNK_TOKENS = 1024
+_NEG_LARGE = -1e30
+"""Padded vocabulary columns hold the dtype's minimum; dividing by a temperature < 1 would make
+them -inf and 0 * -inf = NaN in p * log p. Clamping to a large finite negative keeps p = 0 exact."""
+
+
+def _vocab_range(local_vocab: int, group) -> tuple[int, int]:
+    from megatron.core.tensor_parallel.utils import VocabUtility
+
+    rank = dist.get_rank(group) if group is not None else 0
+    world = dist.get_world_size(group) if group is not None else 1
+    return VocabUtility.vocab_range_from_per_partition_vocab_size(local_vocab, rank, world)
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def _scaled(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    # float64 stays float64 (gradcheck); half precisions compute in float32.
+    z = chunk if chunk.dtype == torch.float64 else chunk.float()
+    if temperature != 1.0:
+        z = z / temperature
+    return z.clamp(min=_NEG_LARGE)
+
+
+def _chunk_stats(z: torch.Tensor, local_target: torch.Tensor, in_shard: torch.Tensor, group, with_entropy: bool):
+    """(log-sum-exp, target logit, entropy) of one chunk [n, V/tp] of scaled logits."""
+    local_max = z.max(dim=-1).values
+    global_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, group)
+    shifted = z - global_max.unsqueeze(-1)
+    exp = shifted.exp()
+    target = torch.where(in_shard, shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1), 0.0)
+    sums = [exp.sum(dim=-1), target]
+    if with_entropy:
+        sums.append((exp * shifted).sum(dim=-1))
+    reduced = _all_reduce(torch.stack(sums), dist.ReduceOp.SUM, group)
+    log_sum = reduced[0].log()
+    logp = reduced[1] - log_sum
+    # H = log Z - E_p[z]: with shifted logits s = z - max, H = log(sum e^s) - sum(e^s * s) / sum(e^s).
+    entropy = log_sum - reduced[2] / reduced[0] if with_entropy else None
+    return log_sum + global_max, logp, entropy
+
+
+class _VocabParallelLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, group, temperature, chunk_tokens, with_entropy):
+        local_vocab = logits.shape[-1]
+        start, end = _vocab_range(local_vocab, group)
+        flat = logits.reshape(-1, local_vocab)
+        flat_targets = targets.reshape(-1)
+        in_shard = (flat_targets >= start) & (flat_targets < end)
+        local_targets = torch.where(in_shard, flat_targets - start, 0)
+        n = flat.shape[0]
+        compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        lse = torch.empty(n, dtype=compute_dtype, device=logits.device)
+        logp = torch.empty_like(lse)
+        entropy = torch.empty_like(lse) if with_entropy else None
+        for lo in range(0, n, chunk_tokens):
+            hi = min(lo + chunk_tokens, n)
+            z = _scaled(flat[lo:hi], temperature)
+            lse[lo:hi], logp[lo:hi], ent = _chunk_stats(z, local_targets[lo:hi], in_shard[lo:hi], group, with_entropy)
+            if with_entropy:
+                entropy[lo:hi] = ent
+        ctx.save_for_backward(logits, local_targets, in_shard, lse, entropy if with_entropy else lse)
+        ctx.temperature, ctx.chunk_tokens, ctx.with_entropy = temperature, chunk_tokens, with_entropy
+        shape = targets.shape
+        return logp.view(shape), (entropy.view(shape) if with_entropy else None)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, local_targets, in_shard, lse, entropy = ctx.saved_tensors
+        t = ctx.temperature
+        local_vocab = logits.shape[-1]
+        flat = logits.reshape(-1, local_vocab)
+        grad = torch.empty_like(flat)
+        g_logp = grad_logp.reshape(-1).to(lse.dtype) if grad_logp is not None else torch.zeros_like(lse)
+        g_ent = grad_entropy.reshape(-1).to(lse.dtype) if (ctx.with_entropy and grad_entropy is not None) else None
+        for lo in range(0, flat.shape[0], ctx.chunk_tokens):
+            hi = min(lo + ctx.chunk_tokens, flat.shape[0])
+            log_p = _scaled(flat[lo:hi], t) - lse[lo:hi].unsqueeze(-1)
+            p = log_p.exp()
+            # d logp_target / dz = onehot - p;  dH / dz = -p * (log p + H).
+            coeff = g_logp[lo:hi].unsqueeze(-1)
+            if g_ent is not None:
+                coeff = coeff + g_ent[lo:hi].unsqueeze(-1) * (log_p + entropy[lo:hi].unsqueeze(-1))
+            dz = -p * coeff
+            rows = torch.nonzero(in_shard[lo:hi]).squeeze(-1)
+            dz[rows, local_targets[lo:hi][rows]] += g_logp[lo:hi][rows]
+            if t != 1.0:
+                dz = dz / t
+            grad[lo:hi] = dz.to(grad.dtype)
+        return grad.view_as(logits), None, None, None, None, None
+
+
+def vocab_parallel_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    tp_group=None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p(target), entropy or None), float32 (float64 for float64 input) [...], from this rank's logits shard [..., V/tp].
+
+    targets: global vocabulary ids [...]. The same values on every TP rank; gradients flow to
+    this rank's logits shard only (the output layer's backward all-reduces across TP).
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree on [B, T]")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
+    return _VocabParallelLogProbs.apply(logits, targets.long(), tp_group, float(temperature), chunk_tokens, with_entropy)
