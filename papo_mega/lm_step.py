@@ -92,19 +92,11 @@ def forward_backward(
     Gradients (when not forward_only) are left in the DDP buffers, already reduced across DP
     and divided by the global token count. The returned loss is the same on every rank.
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from papo_mega.models.forward import run_schedule
 
-    n_chunks = len(chunks)
-    iterators = [iter(microbatches) for _ in range(n_chunks)]
-    reported = get_forward_backward_func()(
-        forward_step_func=_forward_step,
-        data_iterator=iterators if n_chunks > 1 else iterators[0],
-        model=chunks if n_chunks > 1 else chunks[0],
-        num_microbatches=len(microbatches),
-        seq_length=microbatches[0].tokens.shape[1],
-        micro_batch_size=microbatches[0].tokens.shape[0],
-        forward_only=forward_only,
-    )
+    first = microbatches[0].tokens
+    reported = run_schedule(chunks, microbatches, _forward_step, seq_length=first.shape[1],
+                            micro_batch_size=first.shape[0], forward_only=forward_only)
     totals = torch.zeros(2, dtype=torch.float64)
     for item in reported:  # non-empty on the last pipeline stage only
         totals += item["lm_loss"].to(torch.float64)

@@ -49,7 +49,7 @@ def _scaled(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def _chunk_stats(z: torch.Tensor, local_target: torch.Tensor, in_shard: torch.Tensor, group, with_entropy: bool):
     """(log-sum-exp, target logit, entropy) of one chunk [n, V/tp] of scaled logits."""
-    local_max = z.max(dim=-1).values
+    local_max = z.amax(dim=-1)  # amax: no indices (3x faster than max(dim) on CPU)
     global_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, group)
     shifted = z - global_max.unsqueeze(-1)
     exp = shifted.exp()
@@ -133,4 +133,8 @@ def vocab_parallel_logprobs(
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree on [B, T]")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
+    vocab = logits.shape[-1] * (dist.get_world_size(tp_group) if tp_group is not None else 1)
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        # Out-of-range ids would silently read another column; one host sync per call is cheap.
+        raise ValueError(f"targets must be token ids in [0, {vocab}); got [{int(targets.min())}, {int(targets.max())}]")
     return _VocabParallelLogProbs.apply(logits, targets.long(), tp_group, float(temperature), chunk_tokens, with_entropy)

@@ -124,6 +124,13 @@ def compute_papo_loss(
          "entropy": entropy, "masked_entropy": masked_entropy},
         response_mask, advantages,
     )
+    # Zero the padding before any arithmetic: token_mean drops a NaN/inf there from the value, but
+    # not from the gradient (k2's square backward gives 0 * inf = NaN on a padded position).
+    def unpad(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    logp, old_logp, advantages, masked_logp, ref_logp, entropy, masked_entropy = map(
+        unpad, (logp, old_logp, advantages, masked_logp, ref_logp, entropy, masked_entropy))
     if cfg.entropy_estimator == "full":
         if cfg.entropy_coef > 0 and entropy is None:
             raise LossInputError("loss.entropy_estimator=full needs `entropy` (full-vocabulary) tensors; compute them with the log-probs")
@@ -156,9 +163,10 @@ def compute_papo_loss(
         if cfg.prcp_clip is not None:
             kl_prcp = kl_prcp.clamp(0.0, cfg.prcp_clip)
         per_token = per_token - cfg.prcp_coef * kl_prcp
-        metrics["masked_entropy"] = token_mean(masked_entropy)
-        if cfg.masked_entropy_coef:
-            per_token = per_token + cfg.masked_entropy_coef * masked_entropy
+        if masked_entropy is not None:  # None only with entropy_estimator=full and masked_entropy_coef=0
+            metrics["masked_entropy"] = token_mean(masked_entropy)
+            if cfg.masked_entropy_coef:
+                per_token = per_token + cfg.masked_entropy_coef * masked_entropy
     if entropy is not None:
         metrics["entropy"] = token_mean(entropy)
         if cfg.entropy_coef:

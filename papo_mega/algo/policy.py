@@ -26,6 +26,7 @@ from papo_mega.algo.views import MASKED, ORIGINAL, split_views, stack_views
 from papo_mega.config import LossConfig
 from papo_mega.distributed.runtime import ParallelGroups
 from papo_mega.errors import PapoError
+from papo_mega.models.forward import run_schedule
 from papo_mega.types import PolicyMicroBatch
 
 
@@ -39,20 +40,9 @@ def _check_uniform(microbatches: list[PolicyMicroBatch], groups: ParallelGroups)
 
 
 def _run_schedule(chunks, microbatches, forward_step, forward_only: bool, rows_per_sequence: int):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    n_chunks = len(chunks)
-    iterators = [iter(microbatches) for _ in range(n_chunks)]
     batch, seq = microbatches[0].input_ids.shape
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if n_chunks > 1 else iterators[0],
-        model=chunks if n_chunks > 1 else chunks[0],
-        num_microbatches=len(microbatches),
-        seq_length=seq,
-        micro_batch_size=batch * rows_per_sequence,
-        forward_only=forward_only,
-    )
+    return run_schedule(chunks, microbatches, forward_step, seq_length=seq,
+                        micro_batch_size=batch * rows_per_sequence, forward_only=forward_only)
 
 
 def _model_output(model, mb: PolicyMicroBatch, views: tuple[str, ...]):

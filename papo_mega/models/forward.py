@@ -9,6 +9,28 @@ from papo_mega.distributed.runtime import ParallelGroups
 from papo_mega.types import ModelInputs
 
 
+def run_schedule(chunks, items: list, forward_step, seq_length: int, micro_batch_size: int,
+                 forward_only: bool = True) -> list:
+    """megatron-core's pipeline schedule over `items` (one per micro-batch) on this rank's chunks.
+
+    Every stage receives the same item list; the returned per-micro-batch reports exist on the
+    last pipeline stage only (empty elsewhere).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    n = len(chunks)
+    iterators = [iter(items) for _ in range(n)]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if n > 1 else iterators[0],
+        model=chunks if n > 1 else chunks[0],
+        num_microbatches=len(items),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
 def compute_full_logits(chunks, groups: ParallelGroups, inputs: ModelInputs, vocab_size: int) -> torch.Tensor:
     """Full-vocabulary logits [B, S, vocab_size] of one batch, returned on every rank.
 
@@ -16,7 +38,6 @@ def compute_full_logits(chunks, groups: ParallelGroups, inputs: ModelInputs, voc
     stage's vocabulary shards over TP and broadcasts from the last stage. For checks and small
     batches: training code never materialises full logits.
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     inputs = inputs.to(groups.device)
@@ -32,18 +53,8 @@ def compute_full_logits(chunks, groups: ParallelGroups, inputs: ModelInputs, voc
 
         return logits, collect
 
-    n = len(chunks)
-    iterators = [iter([inputs]) for _ in range(n)]
-    out = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if n > 1 else iterators[0],
-        model=chunks if n > 1 else chunks[0],
-        num_microbatches=1,
-        seq_length=inputs.input_ids.shape[1],
-        micro_batch_size=inputs.input_ids.shape[0],
-        forward_only=True,
-    )
     batch, seq = inputs.input_ids.shape
+    out = run_schedule(chunks, [inputs], forward_step, seq_length=seq, micro_batch_size=batch)
     # contiguous: the vocab slice is a view, and collectives send raw storage.
     logits = out[0]["logits"].float().contiguous() if out else torch.empty(batch, seq, vocab_size)
     last = dist.get_global_rank(groups.pp, groups.layout.pp_size - 1)

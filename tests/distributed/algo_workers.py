@@ -74,9 +74,17 @@ def _loss_config(overrides: dict) -> LossConfig:
     return LossConfig(**{**base, **overrides})
 
 
-def layout_papo_grads(layout: dict, loss_overrides: dict, micro_batch_size: int):
-    """Our path: DDP chunks at `layout`, old/masked log-probs from one no-grad forward, PAPO update."""
+def layout_papo_grads(layout: dict, loss_overrides: dict, micro_batch_size: int, breakage: str | None = None):
+    """Our path: DDP chunks at `layout`, old/masked log-probs from one no-grad forward, PAPO update.
+
+    breakage="local_token_count" normalises by this rank's tokens only (no DP all-reduce), to show
+    the test catches a wrong reduction.
+    """
+    from papo_mega.algo import policy
     from papo_mega.algo.policy import attach_old_logprobs, papo_forward_backward
+
+    if breakage == "local_token_count":
+        policy.count_response_tokens = lambda masks, groups: int(sum(m.sum().item() for m in masks))
 
     cfg = load_config(None, ["preset=tiny"])
     loss_cfg = _loss_config(loss_overrides)

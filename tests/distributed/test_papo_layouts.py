@@ -63,3 +63,11 @@ def test_masked_grad_changes_the_gradient(naive):
     """Guard on the test itself: the two configs must differ, or masked_grad would be untested."""
     a, b = naive["detached_masked"]["grads"], naive["masked_grad_full_entropy"]["grads"]
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-4
+
+
+def test_wrong_token_normalisation_is_caught(naive):
+    """DP2 normalising by each rank's own token count (a classic bug) must fail the comparison."""
+    layout, world, mbs = LAYOUTS["dp2_two_microbatches"]
+    out = run_distributed(layout_papo_grads, world, args=(layout, CONFIGS["detached_masked"], mbs, "local_token_count"))[0]
+    with pytest.raises(AssertionError):
+        _check(out, naive["detached_masked"], "dp2 with a local token count")
