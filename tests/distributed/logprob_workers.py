@@ -39,7 +39,8 @@ def shard_logprobs(tp_size: int, cases: list[dict]) -> list[dict] | None:
         pieces = [torch.empty_like(local.grad) for _ in range(tp_size)]
         dist.all_gather(pieces, local.grad.contiguous(), group=groups.tp)
         with torch.no_grad():
-            unreduced, _ = vocab_parallel_logprobs(local, case["targets"], None, case["temperature"],
+            # Out-of-shard ids are rejected without a TP group; clamp them into this shard.
+            unreduced, _ = vocab_parallel_logprobs(local, case["targets"].clamp(max=shard - 1), None, case["temperature"],
                                                    chunk_tokens=case["chunk_tokens"])
         out.append({
             "logp": logp.detach(),
