@@ -40,3 +40,21 @@ def load_model(chunks, directory: str | Path) -> None:
     loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(directory))
     for i, chunk in enumerate(chunks):
         _unwrap(chunk).load_state_dict(loaded[f"chunk{i}"])
+
+
+def load_model_dir(ckpt_dir: str | Path, groups, precision: str | None = None):
+    """Build this rank's chunks for a model directory (papo_model.json + model/) and load them.
+
+    A model directory is what convert_hf_to_mcore.py writes (and what training exports). Returns
+    (chunks, metadata dict, ModelConfig, VisionConfig). precision overrides the stored one
+    (parity is judged in fp32 whatever the stored dtype). Collective over all ranks.
+    """
+    from papo_mega.convert.hf_to_mcore import read_metadata
+    from papo_mega.models.qwen_vl import build_model_chunks
+
+    meta, model, vision = read_metadata(ckpt_dir)
+    if precision is not None:
+        model.precision = precision
+    chunks = build_model_chunks(model, vision, groups, initialise=False)
+    load_model(chunks, Path(ckpt_dir) / "model")
+    return chunks, meta, model, vision

@@ -223,6 +223,43 @@ class LossConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Sampling G responses per prompt on the training model (docs/rollout.md)."""
+
+    n: int = _f(5, "G: responses sampled per prompt (the GRPO group).")
+    temperature: float = _f(1.0, "Sampling temperature; 0 for greedy decoding.")
+    top_p: float = _f(0.99, "Nucleus sampling: keep the smallest set of tokens with this much probability (1.0 for off).")
+    top_k: int = _f(0, "Keep only the k most likely tokens (0 for off).")
+    max_new_tokens: int = _f(64, "Longest response; longer ones stop with finish reason 'length'.")
+    stop: list = _f([], "Stop strings: a response ends after the first token that completes one.")
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"rollout.n={self.n} and rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError(f"rollout.temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"rollout.top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError(f"rollout.top_k={self.top_k} must be >= 0 (0 for off)")
+
+
+@dataclass
+class RewardConfig:
+    """How responses are scored (docs/rollout.md): reward = accuracy_weight * acc + format_weight * format."""
+
+    accuracy_weight: float = _f(0.9, "Weight of answer accuracy (the last \\boxed{...} equals the ground truth).")
+    format_weight: float = _f(0.1, "Weight of the format reward (<think>...</think> then \\boxed{...}).")
+    verify_timeout_s: float = _f(2.0, "Time limit per answer for the math-verify equivalence check (then: exact match only).")
+
+    def __post_init__(self) -> None:
+        if self.accuracy_weight < 0 or self.format_weight < 0:
+            raise ConfigError("reward.accuracy_weight and reward.format_weight must be >= 0")
+        if self.verify_timeout_s <= 0:
+            raise ConfigError(f"reward.verify_timeout_s={self.verify_timeout_s} must be > 0")
+
+
+@dataclass
 class RunConfig:
     """Where a run writes and what it is called."""
 
@@ -241,6 +278,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "Parallel layout."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Optimisation and batching."})
     loss: LossConfig = field(default_factory=LossConfig, metadata={"doc": "PAPO / GRPO / DAPO objective."})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"doc": "Response sampling."})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"doc": "Response scoring."})
     run: RunConfig = field(default_factory=RunConfig, metadata={"doc": "Run directory and name."})
 
     def check(self, world_size: int) -> None:

@@ -64,3 +64,33 @@ class PolicyMicroBatch:
     def to(self, device) -> PolicyMicroBatch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return replace(self, **moved)
+
+
+@dataclass
+class RolloutPrompt:
+    """One prompt to answer: its token ids and its images (already processed)."""
+
+    input_ids: torch.Tensor
+    """[L] prompt token ids, image placeholders included."""
+    pixel_values: torch.Tensor | None = None
+    """[P, C*T*p*p] patches of the prompt's images."""
+    image_grid_thw: torch.Tensor | None = None
+    """[N, 3] patch grid of each image."""
+
+
+@dataclass
+class RolloutBatch:
+    """Responses to a list of prompts, G per prompt, grouped: rows [g*G, (g+1)*G) answer prompt g."""
+
+    prompt_index: torch.Tensor
+    """[R] which prompt each row answers."""
+    response_ids: torch.Tensor
+    """[R, T] sampled token ids, right-padded with pad_id."""
+    response_mask: torch.Tensor
+    """[R, T] 1.0 on generated tokens (the stop token included), 0.0 on padding."""
+    logprobs: torch.Tensor
+    """[R, T] log-prob of each sampled token under logits / temperature (0 on padding)."""
+    lengths: torch.Tensor
+    """[R] number of generated tokens."""
+    finish_reason: list[str]
+    """Per row: 'eos' (a stop token), 'stop' (a stop string) or 'length' (max_new_tokens)."""

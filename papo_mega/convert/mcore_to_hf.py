@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from papo_mega.convert.hf_to_mcore import TORCH_DTYPES, read_metadata
+from papo_mega.convert.hf_to_mcore import TORCH_DTYPES
 from papo_mega.convert.safetensors_io import write_safetensors
 from papo_mega.errors import PapoError
 from papo_mega.models.lm_hf import lm_mcore_to_hf
@@ -31,15 +31,12 @@ def full_state_to_hf(ours: dict[str, torch.Tensor], model, vision, dtype: str) -
 
 def export_rank(ckpt_dir: str, out_dir: str) -> dict:
     """Single-process export (run inside a world of one)."""
-    from papo_mega.checkpoint import load_model
+    from papo_mega.checkpoint import load_model_dir
     from papo_mega.distributed import init_distributed
     from papo_mega.distributed.sharding import named_local_params
-    from papo_mega.models.qwen_vl import build_model_chunks
 
-    meta, model, vision = read_metadata(ckpt_dir)
     groups = init_distributed({})
-    chunks = build_model_chunks(model, vision, groups, initialise=False)
-    load_model(chunks, Path(ckpt_dir) / "model")
+    chunks, meta, model, vision = load_model_dir(ckpt_dir, groups)
     ours = {name: param.detach() for chunk in chunks for name, param in named_local_params(chunk)}
     hf = full_state_to_hf(ours, model, vision, meta["hf_dtype"])
     out, tmp = Path(out_dir), Path(f"{out_dir}.tmp-export")

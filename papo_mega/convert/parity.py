@@ -60,21 +60,14 @@ def hf_logits(hf_dir: str, inputs: ModelInputs, image_token_id: int) -> torch.Te
 
 def our_logits_rank(ckpt_dir: str, layout_sizes: dict, inputs: ModelInputs) -> torch.Tensor | None:
     """Per rank of a tp*pp job: load the checkpoint, run the probe, return logits on rank 0."""
-    from pathlib import Path
-
     import torch.distributed as dist
 
-    from papo_mega.checkpoint import load_model
-    from papo_mega.convert.hf_to_mcore import read_metadata
+    from papo_mega.checkpoint import load_model_dir
     from papo_mega.distributed import init_distributed
     from papo_mega.models.forward import compute_full_logits
-    from papo_mega.models.qwen_vl import build_model_chunks
 
-    _, model, vision = read_metadata(ckpt_dir)
-    model.precision = "fp32"  # parity is judged in fp32, whatever the stored dtype
     groups = init_distributed(layout_sizes)
-    chunks = build_model_chunks(model, vision, groups, initialise=False)
-    load_model(chunks, Path(ckpt_dir) / "model")
+    chunks, _, model, _ = load_model_dir(ckpt_dir, groups, precision="fp32")
     logits = compute_full_logits(chunks, groups, inputs, model.vocab_size)
     return logits if dist.get_rank() == 0 else None
 

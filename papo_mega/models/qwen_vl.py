@@ -81,8 +81,13 @@ class QwenVLChunk(MegatronModule):
         return logits.masked_fill(columns >= self.vocab_size, torch.finfo(logits.dtype).min)
 
     def forward(self, input_ids, position_ids, attention_mask=None, labels=None,
-                pixel_values=None, image_grid_thw=None):
+                pixel_values=None, image_grid_thw=None, inference_context=None):
         decoder_input = self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        if inference_context is not None:
+            # KV-cached generation: megatron keeps the cache in the context and returns the last
+            # position's logits gathered over TP, [B, 1, padded vocab] (the caller drops padding).
+            return self.lm(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                           inference_context=inference_context, runtime_gather_output=True)
         if labels is not None and self.lm.vocab_size == self.vocab_size:
             # No padded columns to mask: megatron's loss on its own [s, b, v] logits saves a full
             # transpose copy of the logits (forward and backward).

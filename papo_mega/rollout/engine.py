@@ -1,0 +1,173 @@
+"""Rollout engines. The training loop sees only `RolloutEngine.generate`; an external engine
+(vLLM on GPU) can be added by implementing it, without touching the loop.
+
+`MegatronEngine` generates on the training model itself, split the way it trains (any TP/PP):
+- prompts are left-padded so every row's last prompt token sits at the same position and one
+  static KV cache offset serves the whole batch (megatron-core's StaticInferenceContext);
+- prefill runs once per prompt (the vision tower included), then the cache rows are repeated
+  G times: the prompt's G samples share its image embeddings and prompt keys/values;
+- each decode step feeds one token per live row; rows that finish are dropped from the batch and
+  the cache (their slots freed), so the cost follows the live rows;
+- tokens are drawn on the last pipeline stage from logits gathered over TP and sent to the other
+  stages, seeded per (seed, step, DP rank): the same responses at any TP/PP layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from papo_mega.config import ModelConfig, RolloutConfig
+from papo_mega.distributed.runtime import ParallelGroups
+from papo_mega.models.forward import run_schedule
+from papo_mega.models.rope_index import compute_mrope_position_ids
+from papo_mega.rollout.sampling import rollout_generator, sample_tokens, token_logprobs
+from papo_mega.types import RolloutBatch, RolloutPrompt
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[RolloutPrompt], params: RolloutConfig, seed: int, step: int) -> RolloutBatch:
+        """G = params.n responses per prompt, grouped by prompt."""
+
+
+class MegatronEngine:
+    """KV-cached batched sampling on megatron-core model chunks (see the module doc)."""
+
+    def __init__(self, chunks, groups: ParallelGroups, model: ModelConfig, spatial_merge_size: int,
+                 stop_token_ids: list[int], pad_token_id: int, decode: Callable[[list[int]], str] | None = None):
+        self.chunks = chunks
+        self.groups = groups
+        self.model = model
+        self.merge = spatial_merge_size
+        self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
+        self.pad_token_id = pad_token_id
+        self.decode = decode
+
+    # -- one forward through the pipeline, logits of the last position on every rank ---------
+    def _forward(self, context, input_ids, position_ids, attention_mask, pixel_values=None, image_grid_thw=None):
+        groups, vocab = self.groups, self.model.vocab_size
+        device = groups.device
+        batch = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+                     attention_mask=attention_mask.to(device),
+                     pixel_values=None if pixel_values is None else pixel_values.to(device),
+                     image_grid_thw=None if image_grid_thw is None else image_grid_thw.to(device))
+
+        def forward_step(data_iterator, model):
+            item = next(data_iterator)
+            output = model(item["input_ids"], item["position_ids"], attention_mask=item["attention_mask"],
+                           pixel_values=item["pixel_values"], image_grid_thw=item["image_grid_thw"],
+                           inference_context=context)
+
+            def collect(logits):
+                return logits.new_zeros(()), {"logits": logits[:, -1, :vocab].float().contiguous()}
+
+            return output, collect
+
+        rows, seq = input_ids.shape
+        with torch.no_grad():
+            out = run_schedule(self.chunks, [batch], forward_step, seq_length=seq, micro_batch_size=rows)
+        logits = out[0]["logits"] if out else torch.empty(rows, vocab, device=device)
+        context.sequence_len_offset += seq
+        return logits
+
+    def _share_last_stage(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        last = dist.get_global_rank(self.groups.pp, self.groups.layout.pp_size - 1)
+        out = []
+        for tensor in tensors:
+            tensor = tensor.contiguous()
+            dist.broadcast(tensor, src=last, group=self.groups.pp)
+            out.append(tensor)
+        return out
+
+    @staticmethod
+    def _select_cache_rows(context, rows: torch.Tensor) -> None:
+        """Keep (and repeat) KV cache rows: prefill -> G copies, finished rows -> dropped."""
+        for layer, (keys, values) in context.key_value_memory_dict.items():
+            context.key_value_memory_dict[layer] = (keys[:, rows], values[:, rows])
+
+    def generate(self, prompts: list[RolloutPrompt], params: RolloutConfig, seed: int, step: int) -> RolloutBatch:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        if not prompts:
+            raise ValueError("generate() needs at least one prompt")
+        device, group_size, max_new = self.groups.device, params.n, params.max_new_tokens
+        lengths = [int(p.input_ids.numel()) for p in prompts]
+        prompt_len = max(lengths)
+        total_len = prompt_len + max_new
+        if total_len > self.model.max_seq_len:
+            raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new}) exceeds model.max_seq_len="
+                             f"{self.model.max_seq_len}; truncate prompts or lower rollout.max_new_tokens")
+
+        # Left-pad the prompts; key_pad marks padding keys for every later step.
+        ids = torch.full((len(prompts), prompt_len), self.pad_token_id, dtype=torch.long)
+        real = torch.zeros(len(prompts), prompt_len, dtype=torch.bool)
+        for row, (prompt, length) in enumerate(zip(prompts, lengths)):
+            ids[row, prompt_len - length :] = prompt.input_ids
+            real[row, prompt_len - length :] = True
+        has_images = any(p.pixel_values is not None for p in prompts)
+        pixels = torch.cat([p.pixel_values for p in prompts if p.pixel_values is not None]) if has_images else None
+        grids = torch.cat([p.image_grid_thw for p in prompts if p.image_grid_thw is not None]) if has_images else None
+        prompt_pos = compute_mrope_position_ids(ids, grids, self.model.image_token_id, self.merge, real.long())
+        if not self.model.mrope_section:
+            prompt_pos = prompt_pos[0]
+        # Text after the prompt continues from the largest prompt position, all axes together.
+        next_pos = prompt_pos.reshape(-1, *ids.shape).amax(dim=(0, 2)) + 1 if prompt_pos.dim() == 3 else prompt_pos.amax(dim=1) + 1
+
+        context = StaticInferenceContext(max_batch_size=len(prompts), max_sequence_length=total_len)
+        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool).tril()
+        prefill_mask = ~(causal[None] & real[:, None, :])  # True = masked, megatron's convention
+        logits = self._forward(context, ids, prompt_pos, prefill_mask[:, None], pixels, grids)
+
+        # G samples per prompt: repeat the cache rows, the positions, the key padding.
+        expand = torch.arange(len(prompts)).repeat_interleave(group_size)
+        self._select_cache_rows(context, expand.to(device))
+        logits = logits[expand.to(logits.device)]
+        rows = len(expand)
+        key_pad = torch.cat([~real[expand], torch.zeros(rows, max_new, dtype=torch.bool)], dim=1)
+        positions = torch.cat([prompt_pos[..., expand, :],
+                               (next_pos[expand][:, None] + torch.arange(max_new)).expand(*prompt_pos.shape[:-2], rows, max_new)
+                               if prompt_pos.dim() == 3 else next_pos[expand][:, None] + torch.arange(max_new)], dim=-1)
+
+        generator = rollout_generator(seed, step, self.groups.dp_rank)
+        tokens_out = torch.full((rows, max_new), self.pad_token_id, dtype=torch.long)
+        logprobs_out = torch.zeros(rows, max_new)
+        finish = ["length"] * rows
+        out_len = torch.zeros(rows, dtype=torch.long)
+        live = torch.arange(rows)  # original row index of each batch row
+        for t in range(max_new):
+            tokens = sample_tokens(logits, params.temperature, params.top_k, params.top_p, generator)
+            logp = token_logprobs(logits, tokens, params.temperature)
+            tokens, logp = self._share_last_stage(tokens.to(device), logp.to(device))
+            tokens, logp = tokens.cpu(), logp.cpu()
+            tokens_out[live, t] = tokens
+            logprobs_out[live, t] = logp
+            out_len[live] = t + 1
+            done = torch.isin(tokens, self.stop_token_ids)
+            for i in torch.nonzero(done).flatten().tolist():
+                finish[int(live[i])] = "eos"
+            if params.stop and self.decode is not None:
+                for i in torch.nonzero(~done).flatten().tolist():
+                    row = int(live[i])
+                    text = self.decode(tokens_out[row, : t + 1].tolist())
+                    if any(s in text for s in params.stop):
+                        finish[row], done[i] = "stop", True
+            if t == max_new - 1:
+                break
+            keep = torch.nonzero(~done).flatten()
+            if keep.numel() == 0:
+                break
+            if keep.numel() < len(live):  # free finished rows' slots
+                live, tokens = live[keep], tokens[keep]
+                self._select_cache_rows(context, keep.to(device))
+            seen = prompt_len + t + 1
+            mask = key_pad[live, :seen][:, None, None, :]
+            logits = self._forward(context, tokens[:, None], positions[..., live, :seen], mask)
+
+        steps = torch.arange(max_new)[None, :]
+        response_mask = (steps < out_len[:, None]).float()
+        return RolloutBatch(prompt_index=expand, response_ids=tokens_out.masked_fill(response_mask == 0, self.pad_token_id),
+                            response_mask=response_mask, logprobs=logprobs_out * response_mask,
+                            lengths=out_len, finish_reason=finish)
