@@ -8,6 +8,8 @@
   G times: the prompt's G samples share its image embeddings and prompt keys/values;
 - each decode step feeds one token per live row; rows that finish are dropped from the batch and
   the cache (their slots freed), so the cost follows the live rows;
+- image placeholder and vision span tokens are never sampled: a response holding them would not
+  line up with any image in the training forward (their log-probs stay unfiltered);
 - tokens are drawn on the last pipeline stage from logits gathered over TP and sent to the other
   stages, seeded per (seed, step, DP rank): the same responses at any TP/PP layout.
 """
@@ -45,6 +47,8 @@ class MegatronEngine:
         self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
         self.pad_token_id = pad_token_id
         self.decode = decode
+        special = [model.image_token_id, model.video_token_id, model.vision_start_token_id, model.vision_end_token_id]
+        self.banned = torch.tensor([t for t in special if 0 <= t < model.vocab_size], dtype=torch.long)
 
     # -- one forward through the pipeline, logits of the last position on every rank ---------
     def _forward(self, context, input_ids, position_ids, attention_mask, pixel_values=None, image_grid_thw=None):
@@ -138,7 +142,8 @@ class MegatronEngine:
         out_len = torch.zeros(rows, dtype=torch.long)
         live = torch.arange(rows)  # original row index of each batch row
         for t in range(max_new):
-            tokens = sample_tokens(logits, params.temperature, params.top_k, params.top_p, generator)
+            allowed = logits.index_fill(1, self.banned.to(logits.device), float("-inf"))
+            tokens = sample_tokens(allowed, params.temperature, params.top_k, params.top_p, generator)
             logp = token_logprobs(logits, tokens, params.temperature)
             tokens, logp = self._share_last_stage(tokens.to(device), logp.to(device))
             tokens, logp = tokens.cpu(), logp.cpu()

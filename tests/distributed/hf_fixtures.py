@@ -22,8 +22,14 @@ TINY_HF_CONFIGS = {
 }
 
 
-def make_tiny_hf(directory: Path, name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
-    """Save a random Qwen2.5-VL of the named tiny shape with transformers; returns the directory."""
+def make_tiny_hf(directory: Path, name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                 weight_scale: float = 1.0) -> Path:
+    """Save a random Qwen2.5-VL of the named tiny shape with transformers; returns the directory.
+
+    weight_scale multiplies every matrix: at transformers' init (std 0.02) a tiny model's next
+    token barely depends on its context, so greedy decoding repeats one token; generation tests
+    scale up to get varied, context-dependent output.
+    """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     spec = TINY_HF_CONFIGS[name]
@@ -43,5 +49,7 @@ def make_tiny_hf(directory: Path, name: str, dtype: torch.dtype = torch.float32,
         for pname, param in hf_model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):
                 param.add_(0.1 * torch.randn_like(param))
+            elif param.dim() >= 2:
+                param.mul_(weight_scale)
     hf_model.to(dtype).save_pretrained(directory)
     return directory
