@@ -58,3 +58,26 @@ def load_model_dir(ckpt_dir: str | Path, groups, precision: str | None = None):
     chunks = build_model_chunks(model, vision, groups, initialise=False)
     load_model(chunks, Path(ckpt_dir) / "model")
     return chunks, meta, model, vision
+
+
+def save_model_dir(chunks, out_dir: str | Path, model, vision, groups) -> Path:
+    """Write a model directory (papo_model.json + model/) that eval, export and training load.
+
+    The metadata carries the transformers config of the same architecture, so
+    convert_mcore_to_hf.py can export it. Collective; rank 0 writes the metadata.
+    """
+    import torch.distributed as dist
+
+    from papo_mega.convert.hf_config import hf_config_kwargs
+    from papo_mega.convert.hf_to_mcore import write_metadata
+
+    out = Path(out_dir)
+    save_model(chunks, out / "model")
+    if dist.get_rank() == 0:
+        from transformers import Qwen2_5_VLConfig
+
+        hf_config = Qwen2_5_VLConfig(**hf_config_kwargs(model, vision)).to_dict()
+        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}[model.precision]
+        write_metadata(out, hf_config, model, vision, dtype)
+    dist.barrier()
+    return out

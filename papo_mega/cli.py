@@ -2,6 +2,7 @@
 
     papo-mega smoke examples/tiny_cpu.yaml parallel.tp_size=2   # under torchrun / srun / mpirun
     papo-mega demo                                               # 4 local CPU processes, TP2xPP2
+    papo-mega eval --ckpt MODEL_DIR --data SHARDS --k 8          # avg@k and vision reliance
 
 User mistakes (PapoError) print one line naming the problem and the fix and exit with 2.
 """
@@ -45,6 +46,15 @@ def _cmd_demo(args) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def _cmd_eval(args) -> int:
+    from papo_mega.config import load_config
+    from papo_mega.evaluate import run_eval_cli
+
+    cfg = load_config(args.config, args.overrides)
+    run_eval_cli(args.ckpt, args.data, args.k, cfg, args.max_samples, args.out, args.batch_prompts)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="papo-mega", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, default=4, help="local processes (default 4)")
     demo.add_argument("overrides", nargs="*", help="dotted overrides")
     demo.set_defaults(func=_cmd_demo)
+
+    ev = sub.add_parser("eval", help="avg@k accuracy and vision reliance (original / masked / blank image)")
+    ev.add_argument("--ckpt", required=True, help="model directory (papo_model.json + model/)")
+    ev.add_argument("--data", required=True, help="directory of evaluation shards")
+    ev.add_argument("--k", type=int, default=8, help="answers sampled per question (avg@k, default 8)")
+    ev.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many questions")
+    ev.add_argument("--batch-prompts", type=int, default=8, help="questions generated together")
+    ev.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval)")
+    ev.add_argument("--config", default=None, help="recipe for rollout/reward/data settings")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.temperature=0.7")
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -1,0 +1,180 @@
+"""Evaluation: avg@k accuracy per task and overall, and vision reliance.
+
+Every question is answered k times with the original image, the PAPO-masked image and a blank
+(all-black) image. A model that looks at the image scores clearly higher on the original; one
+that answers from the text alone scores the same on all three ("vision reliance" = original
+minus blank accuracy, and original minus masked). Writes eval.json and eval.md.
+
+    papo-mega eval --ckpt MODEL_DIR --data SHARDS [--k 8] [--max-samples N] [overrides]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+from papo_mega.config import Config
+from papo_mega.data.image import BadImage
+from papo_mega.data.prepare import PreparedPrompt, prepare_prompt
+from papo_mega.data.prompts import PromptTooLong
+from papo_mega.data.shards import ShardStream
+from papo_mega.distributed.runtime import ParallelGroups
+from papo_mega.reward import score_batch
+
+EVAL_VIEWS = ("original", "masked", "blank")
+EVAL_STEP = 0
+"""Masks in evaluation are drawn as at step 0: every evaluation of a run sees the same masks."""
+
+
+def _batches(stream, size: int):
+    batch = []
+    for item in stream:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _view_prompts(prepared: list[PreparedPrompt], view: str):
+    if view == "original":
+        return [p.prompt for p in prepared]
+    return [replace(p.prompt, pixel_values=p.views[view]) for p in prepared]
+
+
+def evaluate(engine, tokenizer, cfg: Config, groups: ParallelGroups, shards: str, k: int,
+             max_samples: int | None = None, batch_prompts: int = 8, views: tuple[str, ...] = EVAL_VIEWS,
+             show_progress: bool = True) -> dict:
+    """Accuracy tables on every rank (DP ranks split the questions; sums are all-gathered)."""
+    params = replace(cfg.rollout, n=k)
+    stream = ShardStream(shards, dp_rank=groups.dp_rank, dp_size=groups.layout.dp_size, seed=cfg.train.seed,
+                         shuffle_buffer=0, epochs=1, max_skip_fraction=cfg.data.max_skip_fraction)
+    # sums[view][task] = [correct answers, format hits, answers]
+    sums: dict = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0, 0]))
+    skipped = defaultdict(int)
+    seen = 0
+    total = min(stream.epoch_length, max_samples or stream.epoch_length)
+    bar = tqdm(total=total, desc="eval", unit="q", disable=not (show_progress and groups.rank == 0))
+    for items in _batches(stream, batch_prompts):
+        if max_samples is not None:
+            items = items[: max(0, max_samples - seen)]
+        if not items:
+            break
+        prepared = []
+        for item in items:
+            try:
+                prepared.append(prepare_prompt(item, tokenizer, cfg.data, cfg.vision, cfg.train.seed, EVAL_STEP,
+                                               views=tuple(v for v in views if v != "original")))
+            except (PromptTooLong, BadImage) as err:
+                skipped[type(err).__name__] += 1
+        seen += len(items)
+        bar.update(len(items))
+        if not prepared:
+            continue
+        for view in views:
+            out = engine.generate(_view_prompts(prepared, view), params, seed=cfg.train.seed, step=EVAL_STEP)
+            texts = [tokenizer.decode(out.response_ids[r, : int(out.lengths[r])].tolist())
+                     for r in range(len(out.lengths))]
+            truths = [prepared[int(g)].answer for g in out.prompt_index]
+            for g, result in zip(out.prompt_index.tolist(), score_batch(texts, truths, cfg.reward)):
+                for task in (prepared[g].task, "overall"):
+                    cell = sums[view][task]
+                    cell[0] += result.accuracy
+                    cell[1] += result.format
+                    cell[2] += 1
+        if max_samples is not None and seen >= max_samples:
+            break
+    bar.close()
+    local = {view: {task: list(cell) for task, cell in tasks.items()} for view, tasks in sums.items()}
+    gathered = [None] * groups.layout.dp_size
+    dist.all_gather_object(gathered, {"sums": local, "skipped": dict(skipped)}, group=groups.dp)
+    return _tables(gathered, k, views)
+
+
+def _tables(gathered: list[dict], k: int, views: tuple[str, ...]) -> dict:
+    merged: dict = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0, 0]))
+    skipped: dict = defaultdict(int)
+    for part in gathered:
+        for view, tasks in part["sums"].items():
+            for task, (correct, fmt, count) in tasks.items():
+                cell = merged[view][task]
+                cell[0] += correct
+                cell[1] += fmt
+                cell[2] += count
+        for reason, count in part["skipped"].items():
+            skipped[reason] += count
+    tasks = sorted({t for v in merged.values() for t in v if t != "overall"}) + ["overall"]
+    accuracy = {view: {t: merged[view][t][0] / merged[view][t][2] for t in tasks if merged[view][t][2]}
+                for view in views}
+    fmt = {view: merged[view]["overall"][1] / max(merged[view]["overall"][2], 1) for view in views}
+    result = {"k": k, "questions": merged[views[0]]["overall"][2] // k if views else 0,
+              "accuracy": accuracy, "format_rate": fmt, "skipped": dict(skipped)}
+    if "original" in views:
+        base = accuracy["original"].get("overall", 0.0)
+        result["vision_reliance"] = {f"original_minus_{v}": base - accuracy[v].get("overall", 0.0)
+                                     for v in views if v != "original"}
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    """avg@k accuracy (%) per task and view, plus vision reliance."""
+    views = list(result["accuracy"])
+    tasks = list(next(iter(result["accuracy"].values())).keys()) if views else []
+    lines = [f"avg@{result['k']} accuracy (%) on {result['questions']} questions", "",
+             "| task | " + " | ".join(views) + " |", "|---|" + "---|" * len(views)]
+    for task in tasks:
+        cells = [f"{100 * result['accuracy'][v].get(task, float('nan')):.1f}" for v in views]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    for name, value in result.get("vision_reliance", {}).items():
+        lines.append(f"\nvision reliance {name.replace('_', ' ')}: {100 * value:+.1f} points")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    (out / "eval.md").write_text(markdown_table(result))
+    return out
+
+
+def run_eval_cli(ckpt: str, data: str, k: int, cfg: Config, max_samples: int | None, out_dir: str | None,
+                 batch_prompts: int) -> dict:
+    """`papo-mega eval`: load the model directory at the configured layout, evaluate, write tables."""
+    from papo_mega.checkpoint import load_model_dir
+    from papo_mega.data.tokenizer import load_tokenizer
+    from papo_mega.distributed import detect_launch, init_distributed, shutdown_distributed
+    from papo_mega.errors import PapoError
+    from papo_mega.rollout.engine import MegatronEngine
+
+    if not Path(data).is_dir():
+        raise PapoError(f"--data {data} is not a directory of shards; make one with tools/make_synthetic.py or make_shards.py")
+    if k < 1:
+        raise PapoError(f"--k {k} must be >= 1")
+    launch = detect_launch()
+    groups = init_distributed(cfg.parallel.layout_sizes(), launch=launch, timeout_s=cfg.parallel.timeout_s,
+                              seed=cfg.train.seed)
+    try:
+        chunks, _, model, vision = load_model_dir(ckpt, groups)
+        cfg = replace(cfg, model=model, vision=vision)
+        for chunk in chunks:
+            chunk.eval()
+        tokenizer = load_tokenizer(cfg.data.tokenizer, model)
+        engine = MegatronEngine(chunks, groups, model, vision.spatial_merge_size, [tokenizer.eos_id],
+                                tokenizer.pad_id, decode=tokenizer.decode)
+        result = evaluate(engine, tokenizer, cfg, groups, data, k, max_samples, batch_prompts,
+                          show_progress=sys.stderr.isatty())
+        if groups.rank == 0:
+            where = write_results(result, out_dir or Path(cfg.run.run_dir) / "eval")
+            print(markdown_table(result), flush=True)
+            print(f"[papo-mega] eval results in {where}/eval.json and eval.md", flush=True)
+        return result
+    finally:
+        shutdown_distributed()
