@@ -8,8 +8,8 @@ replaced, and returns (False, "timeout") at once.
 Workers are plain `python _worker.py` subprocesses talking JSON lines over pipes rather than
 multiprocessing 'spawn'/'forkserver' children: those re-import the trainer's main module (torch,
 megatron) in every worker, and pickling is not needed for two strings. Workers start lazily, at
-the first check that needs one, are reused, and are killed by `shutdown_pool` (run at exit); a
-worker also dies with its parent.
+the first check that needs one, are reused, and are killed by `shutdown_pool` (run at exit). An
+orphaned worker exits at stdin EOF when idle, or by its CPU-time limit when stuck (_worker.py).
 """
 
 from __future__ import annotations
@@ -184,7 +184,9 @@ class VerifyPool:
                 self._retire(worker)
                 worker = None
                 raise
-            payload = {"gold": gold, "pred": pred, **({"sleep": _sleep_s} if _sleep_s else {})}
+            # cpu_budget only matters if we die mid-check: it ends an orphaned, stuck worker.
+            payload = {"gold": gold, "pred": pred, "cpu_budget": timeout_s + 30.0,
+                       **({"sleep": _sleep_s} if _sleep_s else {})}
             try:
                 reply = worker.request(payload, timeout_s)
             except (OSError, EOFError, ValueError):  # died mid-check (crash, out of memory)
@@ -201,7 +203,6 @@ class VerifyPool:
                 except (RuntimeError, OSError):  # shut down meanwhile, or out of processes
                     worker = None
                 return False, "timeout"
-            if reply.get("reason") == "error": print("DEBUG", reply, file=sys.stderr)
             return bool(reply.get("ok")), str(reply.get("reason", "error"))
         finally:
             if worker is not None and self._closed:

@@ -8,11 +8,12 @@ which hands text to sympy's `parse_expr` (an `eval`).
 
 Protocol (UTF-8, one object per line):
     -> {"ready": true} | {"ready": false, "error": "..."}           once, after start-up
-    <- {"gold": "<truth>", "pred": "<answer>"[, "sleep": s]}
+    <- {"gold": "<truth>", "pred": "<answer>", "cpu_budget": s[, "sleep": s]}
     -> {"ok": bool, "reason": "math_verify" | "wrong" | "unparsable_truth" | "error", "detail": "..."}
 `sleep` (seconds, before verifying) is a test hook that makes a call hang on purpose.
 The parent enforces time limits by killing this process; math-verify's own SIGALRM timeouts are
-off. The process dies with its parent (Linux PR_SET_PDEATHSIG) and when stdin closes.
+off. An idle worker exits when stdin closes (its parent is gone); a busy one whose parent died is
+ended by the CPU-time limit `cpu_budget` (seconds) set before each check.
 """
 
 import json
@@ -25,21 +26,24 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us when the parent dies, even while we are stuck in C code."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        import signal
+def _limit_cpu(budget_s: float) -> None:
+    """Let this process use at most budget_s more CPU seconds (then the kernel ends it with SIGXCPU).
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-    except Exception:  # best effort: stdin EOF still ends an idle worker
+    The parent kills a worker at the time limit; this is the backstop for a worker whose parent
+    died while it was stuck in C code (sympy's big-integer arithmetic ignores signals and threads).
+    Only the soft limit moves: an unprivileged process cannot raise a hard limit it lowered.
+    (PR_SET_PDEATHSIG is no use here: it fires when the *thread* that started us exits.)"""
+    try:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        soft = int(usage.ru_utime + usage.ru_stime + budget_s) + 1
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+    except Exception:
         pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(0)
 
 
 def _limit_memory() -> None:
@@ -65,8 +69,13 @@ def _send(obj: dict, out) -> None:
 def main() -> int:
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol
-    _die_with_parent()
     _limit_memory()
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGXCPU (see _limit_cpu) must not dump core
+    except Exception:
+        pass
     try:
         import logging
 
@@ -97,6 +106,7 @@ def main() -> int:
     for line in sys.stdin.buffer:
         try:
             request = json.loads(line)
+            _limit_cpu(float(request.get("cpu_budget", 60.0)))
             if request.get("sleep"):
                 time.sleep(float(request["sleep"]))
             ok, reason = check(str(request["gold"]), str(request["pred"]))
