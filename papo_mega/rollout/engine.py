@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from papo_mega.config import ModelConfig, RolloutConfig
 from papo_mega.distributed.runtime import ParallelGroups
+from papo_mega.errors import PapoError
 from papo_mega.models.forward import run_schedule
 from papo_mega.models.rope_index import compute_mrope_position_ids
 from papo_mega.rollout.sampling import rollout_generator, sample_tokens, token_logprobs
@@ -97,13 +98,15 @@ class MegatronEngine:
 
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
-        device, group_size, max_new = self.groups.device, params.n, params.max_new_tokens
+        device, group_size = self.groups.device, params.n
         lengths = [int(p.input_ids.numel()) for p in prompts]
         prompt_len = max(lengths)
+        if prompt_len >= self.model.max_seq_len:
+            raise PapoError(f"a prompt of {prompt_len} tokens leaves no room in model.max_seq_len="
+                            f"{self.model.max_seq_len}; lower data.max_prompt_len so such prompts are skipped")
+        # Responses stop at the context's end (finish reason 'length'), never past it.
+        max_new = min(params.max_new_tokens, self.model.max_seq_len - prompt_len)
         total_len = prompt_len + max_new
-        if total_len > self.model.max_seq_len:
-            raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new}) exceeds model.max_seq_len="
-                             f"{self.model.max_seq_len}; truncate prompts or lower rollout.max_new_tokens")
 
         # Left-pad the prompts; key_pad marks padding keys for every later step.
         ids = torch.full((len(prompts), prompt_len), self.pad_token_id, dtype=torch.long)
