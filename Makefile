@@ -38,6 +38,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) tools/bench_model.py
+	$(PY) tools/bench_algo.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

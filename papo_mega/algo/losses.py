@@ -93,7 +93,8 @@ def _check_inputs(named: dict[str, torch.Tensor | None], response_mask: torch.Te
         raise LossInputError(f"advantages has dtype {advantages.dtype}; expected floating point")
     valid = response_mask.bool()
     for name, tensor in [*named.items(), ("advantages", advantages)]:
-        if tensor is not None and not bool(torch.isfinite(tensor.detach()[valid]).all()):
+        # where(), not tensor[valid]: a boolean gather costs a quarter of the loss at [640, 2048].
+        if tensor is not None and not bool(torch.isfinite(torch.where(valid, tensor.detach(), 0)).all()):
             raise LossInputError(f"{name} has NaN or inf on response tokens; check the rollout and forward that produced it")
     return advantages, valid
 
