@@ -170,11 +170,21 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this value (0 for off).")
     seed: int = _f(1234, "Seed for initialisation and data.")
     log_every: int = _f(1, "Print metrics every this many steps.")
+    lr_schedule: str = _f("constant", "Learning rate after warmup: constant | cosine (to min_lr at the last step).")
+    warmup_steps: int = _f(0, "Linear warmup from 0 to lr over this many optimizer updates.")
+    min_lr: float = _f(0.0, "Final learning rate of the cosine schedule.")
+    ppo_epochs: int = _f(1, "Passes over each rollout batch (each pass = rollout responses / global_batch_size updates).")
+    nonfinite_patience: int = _f(3, "Stop cleanly after this many consecutive steps with a NaN/inf loss or grad norm.")
+    sanity_every: int = _f(50, "Check that data-parallel replicas hold identical weights every this many steps (0: off).")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size"):
+        for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "ppo_epochs", "nonfinite_patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"train.lr_schedule={self.lr_schedule!r} is not one of constant | cosine")
+        if self.warmup_steps < 0 or self.sanity_every < 0:
+            raise ConfigError("train.warmup_steps and train.sanity_every must be >= 0")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
@@ -259,12 +269,70 @@ class RewardConfig:
             raise ConfigError(f"reward.verify_timeout_s={self.verify_timeout_s} must be > 0")
 
 
+ALGORITHMS = ("grpo", "papo_g", "dapo", "papo_d")
+
+
+@dataclass
+class AlgoConfig:
+    """Which RL algorithm and how each step gathers its batch (docs/training.md)."""
+
+    name: str = _f("papo_g", "grpo | papo_g (GRPO + PAPO) | dapo | papo_d (DAPO + PAPO: no reference, dynamic sampling).")
+    prompts_per_step: int = _f(8, "Prompts rolled out per step across all data-parallel ranks (G responses each).")
+    max_resample: int = _f(20, "DAPO: extra prompt batches drawn per step to replace all-right/all-wrong groups.")
+    normalise_std: bool = _f(True, "Divide group-centred rewards by the group's std (GRPO); false: Dr. GRPO.")
+    init_from: str = _f("", "Model directory to start from (SFT output or a converted HF model); '' random init.")
+    eval_every: int = _f(0, "Evaluate on data.eval_shards every this many steps (0: only at the end, if eval_shards).")
+    eval_samples: int = _f(64, "Questions per evaluation.")
+    eval_k: int = _f(4, "Answers per question in evaluation (avg@k).")
+
+    def __post_init__(self) -> None:
+        if self.name not in ALGORITHMS:
+            raise ConfigError(f"algo.name={self.name!r} is not one of {' | '.join(ALGORITHMS)}")
+        if self.prompts_per_step < 1 or self.max_resample < 0:
+            raise ConfigError("algo.prompts_per_step must be >= 1 and algo.max_resample >= 0")
+
+    @property
+    def dynamic_sampling(self) -> bool:
+        return self.name in ("dapo", "papo_d")
+
+
+@dataclass
+class CheckpointConfig:
+    """Training checkpoints: model, optimizer, scheduler, step, data position, RNG, config."""
+
+    save_every: int = _f(10, "Save every this many steps (and at the end); 0: only at the end.")
+    keep_last: int = _f(3, "Complete checkpoints to keep; older ones are deleted after a new one is published.")
+    resume: str = _f("auto", "auto (the latest complete checkpoint in the run directory, if any) | none | a checkpoint path.")
+    load_optimizer: bool = _f(True, "Restore optimizer state on resume (false: weights, step and data position only).")
+
+    def __post_init__(self) -> None:
+        if self.save_every < 0 or self.keep_last < 1:
+            raise ConfigError("checkpoint.save_every must be >= 0 and checkpoint.keep_last >= 1")
+
+
+@dataclass
+class SFTConfig:
+    """`papo-mega sft`: a supervised warm start on the training shards (answers in the PAPO format)."""
+
+    steps: int = _f(200, "Optimizer steps.")
+    lr: float = _f(1e-3, "Peak learning rate (cosine to 10%, 5% warmup).")
+    micro_batch_size: int = _f(8, "Sequences per micro-batch on one data-parallel rank.")
+    global_batch_size: int = _f(32, "Sequences per optimizer step across data-parallel ranks.")
+    out: str = _f("", "Model directory to write (default RUN_DIR/sft).")
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.micro_batch_size < 1 or self.global_batch_size % self.micro_batch_size:
+            raise ConfigError("sft.steps >= 1 and sft.global_batch_size a multiple of sft.micro_batch_size")
+
+
 @dataclass
 class RunConfig:
     """Where a run writes and what it is called."""
 
     run_dir: str = _f("runs/default", "Directory for the resolved config, checkpoints and logs.")
     name: str = _f("default", "Run name shown in logs.")
+    tensorboard: bool = _f(True, "Write TensorBoard event files under RUN_DIR/tb (from one rank).")
+    collapse_window: int = _f(5, "Warn of collapse when KL_prcp and both entropies rose for this many steps in a row.")
 
 
 @dataclass
@@ -280,6 +348,9 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig, metadata={"doc": "PAPO / GRPO / DAPO objective."})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"doc": "Response sampling."})
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"doc": "Response scoring."})
+    algo: AlgoConfig = field(default_factory=AlgoConfig, metadata={"doc": "RL algorithm and step composition."})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"doc": "Training checkpoints."})
+    sft: SFTConfig = field(default_factory=SFTConfig, metadata={"doc": "Supervised warm start."})
     run: RunConfig = field(default_factory=RunConfig, metadata={"doc": "Run directory and name."})
 
     def check(self, world_size: int) -> None:
@@ -306,6 +377,24 @@ class Config:
                 f"interleaved pipelining needs micro-batches ({micro_batches}) divisible by pp_size="
                 f"{layout.pp_size}; change train.global_batch_size"
             )
+
+    def check_algorithm(self, dp_size: int = 1) -> None:
+        """The algorithm's structural switches agree with the loss weights and batch sizes."""
+        name, loss = self.algo.name, self.loss
+        if name in ("grpo", "dapo") and (loss.prcp_coef or loss.masked_entropy_coef):
+            raise ConfigError(f"algo.name={name} has no perception terms; set loss.prcp_coef=0 and "
+                              f"loss.masked_entropy_coef=0, or use papo_{name[0]}")
+        if name in ("papo_g", "papo_d") and loss.prcp_coef <= 0:
+            raise ConfigError(f"algo.name={name} needs loss.prcp_coef > 0 (published: 0.02 PAPO-G, 0.01 PAPO-D)")
+        if name in ("dapo", "papo_d") and loss.kl_coef:
+            raise ConfigError(f"algo.name={name} drops the reference model; set loss.kl_coef=0")
+        responses = self.algo.prompts_per_step * self.rollout.n
+        if self.algo.prompts_per_step % dp_size:
+            raise ConfigError(f"algo.prompts_per_step={self.algo.prompts_per_step} must be a multiple of the "
+                              f"data-parallel size {dp_size}")
+        if responses % self.train.global_batch_size:
+            raise ConfigError(f"algo.prompts_per_step * rollout.n = {responses} responses per step is not a multiple "
+                              f"of train.global_batch_size={self.train.global_batch_size} (responses per update)")
 
 
 def field_doc(section: type, name: str) -> str:
