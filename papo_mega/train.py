@@ -1,0 +1,341 @@
+"""`papo-mega train`: the rollout-and-update loop, stages in data-flow order (docs/training.md).
+
+    stream prompts -> views -> rollout -> rewards and advantages -> one no-grad forward for old,
+    masked and reference log-probs -> PPO updates (both views batched) -> checkpoint and metrics
+
+Every step is a pure function of (weights, optimizer state, data position, step index): the
+rollout draws from (seed, step, DP rank), masks from (seed, step, sample key), so a run resumed
+from a checkpoint repeats exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from papo_mega.algo.advantage import dynamic_sampling_keep, grpo_advantages
+from papo_mega.algo.policy import attach_old_logprobs, compute_logprobs, papo_forward_backward
+from papo_mega.config import Config, save_config
+from papo_mega.data.image import BadImage
+from papo_mega.data.prepare import PreparedPrompt, prepare_prompt
+from papo_mega.data.prompts import PromptTooLong
+from papo_mega.data.shards import ShardStream
+from papo_mega.distributed.runtime import ParallelGroups
+from papo_mega.errors import PapoError
+from papo_mega.reward import reward_summary, score_batch
+from papo_mega.rollout.assemble import assemble_policy_rows, longest_sequence
+from papo_mega.rollout.engine import MegatronEngine
+from papo_mega.types import PolicyMicroBatch, RolloutBatch
+
+
+@dataclass
+class RolloutGroups:
+    """This rank's prompts for one step and their G responses each, scored."""
+
+    prompts: list[PreparedPrompt]
+    rollout: RolloutBatch
+    rewards: torch.Tensor
+    accuracy: torch.Tensor
+    format: torch.Tensor
+    summary: dict = field(default_factory=dict)
+
+
+def _timer():
+    start = time.perf_counter()
+    return lambda: time.perf_counter() - start
+
+
+class PapoTrainer:
+    """Owns the model replicas, optimizer, data stream and engine of one training run."""
+
+    def __init__(self, cfg: Config, groups: ParallelGroups):
+        from papo_mega.checkpoint import load_model_dir
+        from papo_mega.data.tokenizer import load_tokenizer
+        from papo_mega.models.qwen_vl import build_model_chunks
+        from papo_mega.optim import attach_grad_finalisation, build_optimizer, build_scheduler, wrap_ddp
+
+        self.cfg, self.groups = cfg, groups
+        if not cfg.data.train_shards or not Path(cfg.data.train_shards).is_dir():
+            raise PapoError(f"data.train_shards={cfg.data.train_shards!r} is not a shard directory; make one with "
+                            f"tools/make_synthetic.py or tools/make_shards.py")
+        if cfg.algo.init_from:
+            chunks, _, model, vision = load_model_dir(cfg.algo.init_from, groups, precision=cfg.model.precision)
+            cfg.model, cfg.vision = model, vision
+        else:
+            chunks = build_model_chunks(cfg.model, cfg.vision, groups, seed=cfg.train.seed)
+        use_distopt = cfg.parallel.use_distributed_optimizer
+        self.chunks = wrap_ddp(chunks, groups, use_distopt)
+        for chunk in self.chunks:
+            # Non-finite gradients are a guarded, counted event here (skip the update), not a crash.
+            chunk.ddp_config.check_for_nan_in_grad = False
+        attach_grad_finalisation(self.chunks)
+        self.optimizer = build_optimizer(self.chunks, cfg.train, use_distopt, cfg.model.precision)
+        self.updates_per_step = cfg.train.ppo_epochs * (cfg.algo.prompts_per_step * cfg.rollout.n
+                                                         // cfg.train.global_batch_size)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train, cfg.train.steps * self.updates_per_step)
+        self.reference = self._build_reference() if cfg.loss.kl_coef > 0 else None
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model)
+        self.engine = MegatronEngine(self.chunks, groups, cfg.model, cfg.vision.spatial_merge_size,
+                                     [self.tokenizer.eos_id], self.tokenizer.pad_id, decode=self.tokenizer.decode)
+        self.stream = ShardStream(cfg.data.train_shards, dp_rank=groups.dp_rank, dp_size=groups.layout.dp_size,
+                                  seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                                  num_workers=cfg.data.num_workers, max_skip_fraction=cfg.data.max_skip_fraction)
+        self.samples = iter(self.stream)
+        self.counters = {"skipped_prompts": 0, "skipped_updates": 0, "nonfinite_streak": 0}
+
+    def _build_reference(self):
+        """The frozen reference policy at the same layout: the starting weights, never updated."""
+        from papo_mega.checkpoint import load_model_dir
+        from papo_mega.models.qwen_vl import build_model_chunks
+
+        cfg = self.cfg
+        if cfg.algo.init_from:
+            chunks = load_model_dir(cfg.algo.init_from, self.groups, precision=cfg.model.precision)[0]
+        else:  # layout-invariant init from the same seed = the policy's starting weights
+            chunks = build_model_chunks(cfg.model, cfg.vision, self.groups, seed=cfg.train.seed)
+        for chunk in chunks:
+            chunk.eval()
+            chunk.requires_grad_(False)
+        return chunks
+
+    # -- stages 1-2: stream prompts and prepare views -----------------------------------------
+    def _next_prompts(self, count: int, step: int) -> list[PreparedPrompt]:
+        views = ("masked",) if self.cfg.loss.needs_masked_view else ()
+        out = []
+        while len(out) < count:
+            item = next(self.samples)
+            try:
+                out.append(prepare_prompt(item, self.tokenizer, self.cfg.data, self.cfg.vision, self.cfg.train.seed,
+                                          step, views=views))
+            except (PromptTooLong, BadImage):
+                self.counters["skipped_prompts"] += 1
+        return out
+
+    # -- stages 3-4: rollout and reward ----------------------------------------------------------
+    def _rollout(self, prompts: list[PreparedPrompt], step: int, attempt: int) -> RolloutGroups:
+        for chunk in self.chunks:
+            chunk.eval()
+        # attempt > 0 (DAPO re-sampling) must draw differently from attempt 0 of the same step.
+        out = self.engine.generate([p.prompt for p in prompts], self.cfg.rollout, seed=self.cfg.train.seed + attempt,
+                                   step=step)
+        for chunk in self.chunks:
+            chunk.train()
+        texts = [self.tokenizer.decode(out.response_ids[r, : int(out.lengths[r])].tolist())
+                 for r in range(len(out.lengths))]
+        truths = [prompts[int(g)].answer for g in out.prompt_index]
+        results = score_batch(texts, truths, self.cfg.reward)
+        as_tensor = lambda key: torch.tensor([getattr(r, key) for r in results], dtype=torch.float32)  # noqa: E731
+        return RolloutGroups(prompts, out, as_tensor("reward"), as_tensor("accuracy"), as_tensor("format"),
+                             reward_summary(results))
+
+    def _gather_groups(self, step: int) -> tuple[RolloutGroups, dict]:
+        """This rank's share of the step's prompts, rolled out; DAPO keeps only informative groups."""
+        per_rank = self.cfg.algo.prompts_per_step // self.groups.layout.dp_size
+        groups = self._rollout(self._next_prompts(per_rank, step), step, 0)
+        stats = {"dapo/kept_fraction": 1.0, "dapo/resampled": 0.0}
+        if not self.cfg.algo.dynamic_sampling:
+            return groups, stats
+        n = self.cfg.rollout.n
+        kept, attempts, seen = [], 0, 0
+        while True:
+            keep = dynamic_sampling_keep(groups.accuracy, n)
+            seen += len(keep)
+            kept.extend((groups, g) for g in torch.nonzero(keep).flatten().tolist())
+            if len(kept) >= per_rank or attempts >= self.cfg.algo.max_resample:
+                break
+            attempts += 1
+            groups = self._rollout(self._next_prompts(per_rank, step), step, attempts)
+        stats = {"dapo/kept_fraction": len(kept) / max(seen, 1), "dapo/resampled": float(attempts)}
+        if not kept:  # nothing informative after every re-sample: train on the last batch (advantages 0)
+            return groups, stats
+        return _select_groups(kept[:per_rank], n), stats
+
+    # -- stage 5: one no-grad forward for old, masked and reference log-probs ----------------
+    def _policy_batches(self, groups: RolloutGroups, advantages: torch.Tensor) -> list[PolicyMicroBatch]:
+        cfg = self.cfg
+        prompts = [p.prompt for p in groups.prompts]
+        masked = [p.views.get("masked") for p in groups.prompts] if cfg.loss.needs_masked_view else None
+        seq_len = longest_sequence(prompts, groups.rollout)
+        rows = len(groups.rollout.lengths)
+        mbs = cfg.train.micro_batch_size
+        batches = [assemble_policy_rows(prompts, groups.rollout, advantages, cfg.model, cfg.vision.spatial_merge_size,
+                                        self.tokenizer.pad_id, masked, seq_len, range(lo, min(lo + mbs, rows)))
+                   for lo in range(0, rows, mbs)]
+        batches = [b.to(self.groups.device) for b in batches]
+        batches = attach_old_logprobs(self.chunks, self.groups, batches, cfg.loss)
+        if self.reference is not None:
+            refs = compute_logprobs(self.reference, self.groups, batches, cfg.loss.temperature, views=("original",))
+            for batch, ref in zip(batches, refs):
+                batch.ref_logp = ref["original"]
+        return batches
+
+    # -- stage 6-7: PPO updates ---------------------------------------------------------------
+    def _grads_finite(self) -> bool:
+        bad = torch.zeros(1, device=self.groups.device)
+        for chunk in self.chunks:
+            for param in chunk.parameters():
+                grad = getattr(param, "main_grad", None)
+                if grad is not None and not bool(torch.isfinite(grad).all()):
+                    bad.fill_(1.0)
+                    break
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank takes the same decision
+        return bad.item() == 0.0
+
+    def _update(self, batches: list[PolicyMicroBatch]) -> dict:
+        cfg = self.cfg
+        per_update = cfg.train.global_batch_size // self.groups.layout.dp_size // cfg.train.micro_batch_size
+        totals: dict[str, float] = {}
+        count = 0
+        for _ in range(cfg.train.ppo_epochs):
+            for lo in range(0, len(batches), per_update):
+                for chunk in self.chunks:
+                    chunk.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                metrics = papo_forward_backward(self.chunks, self.groups, batches[lo : lo + per_update], cfg.loss)
+                if not (math.isfinite(metrics["loss"]) and self._grads_finite()):
+                    self.counters["skipped_updates"] += 1
+                    self.counters["nonfinite_streak"] += 1
+                    continue
+                _, grad_norm, _ = self.optimizer.step()
+                self.scheduler.step(increment=1)
+                metrics["grad_norm"] = float(grad_norm or 0.0)
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                count += 1
+        if count:
+            self.counters["nonfinite_streak"] = 0
+        return {key: value / count for key, value in totals.items()} if count else {}
+
+    # -- one whole step -----------------------------------------------------------------------
+    def step(self, step: int) -> dict:
+        cfg, times = self.cfg, {}
+        clock = _timer()
+        groups, dapo = self._gather_groups(step)
+        times["rollout_and_reward"] = clock()
+        advantages = grpo_advantages(groups.rewards, cfg.rollout.n, cfg.algo.normalise_std)
+        clock = _timer()
+        batches = self._policy_batches(groups, advantages)
+        times["logprobs"] = clock()
+        clock = _timer()
+        update = self._update(batches)
+        times["update"] = clock()
+        if self.counters["nonfinite_streak"] >= cfg.train.nonfinite_patience:
+            raise PapoError(f"{self.counters['nonfinite_streak']} steps in a row had a NaN/inf loss or gradient "
+                            f"(train.nonfinite_patience); stopped with the last good checkpoint intact - "
+                            f"lower train.lr or check the data")
+        generated = float(groups.rollout.lengths.sum())
+        local = torch.tensor([float(groups.rewards.sum()), float(groups.accuracy.sum()), float(groups.format.sum()),
+                              generated, float(len(groups.rewards))], dtype=torch.float64, device=self.groups.device)
+        dist.all_reduce(local, group=self.groups.dp)
+        rows = max(local[4].item(), 1.0)
+        seconds = sum(times.values())
+        return {
+            "reward/mean": local[0].item() / rows, "reward/accuracy": local[1].item() / rows,
+            "reward/format": local[2].item() / rows, "response/length_mean": local[3].item() / rows,
+            "perf/tokens_per_s": local[3].item() / max(times["rollout_and_reward"], 1e-9),
+            "optim/lr": self.optimizer.param_groups[0]["lr"],
+            "optim/skipped_updates": float(self.counters["skipped_updates"]),
+            "data/skipped_prompts": float(self.counters["skipped_prompts"]),
+            **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": seconds,
+            **dapo, **{f"update/{k}": v for k, v in update.items()},
+        }
+
+
+def _select_groups(kept: list[tuple[RolloutGroups, int]], n: int) -> RolloutGroups:
+    """Concatenate chosen prompt groups (from possibly several rollouts) into one RolloutGroups."""
+    prompts, ids, masks, logps, lengths, finish, rewards, acc, fmt = [], [], [], [], [], [], [], [], []
+    width = max(g.rollout.response_ids.shape[1] for g, _ in kept)
+
+    def pad(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    for index, (groups, g) in enumerate(kept):
+        rows = slice(g * n, (g + 1) * n)
+        prompts.append(groups.prompts[g])
+        ids.append(pad(groups.rollout.response_ids[rows], 0))
+        masks.append(pad(groups.rollout.response_mask[rows], 0.0))
+        logps.append(pad(groups.rollout.logprobs[rows], 0.0))
+        lengths.append(groups.rollout.lengths[rows])
+        finish.extend(groups.rollout.finish_reason[rows])
+        rewards.append(groups.rewards[rows])
+        acc.append(groups.accuracy[rows])
+        fmt.append(groups.format[rows])
+    rollout = RolloutBatch(torch.arange(len(kept)).repeat_interleave(n), torch.cat(ids), torch.cat(masks),
+                           torch.cat(logps), torch.cat(lengths), finish)
+    return RolloutGroups(prompts, rollout, torch.cat(rewards), torch.cat(acc), torch.cat(fmt))
+
+
+def run_train(cfg: Config) -> dict:
+    """Train cfg.train.steps steps under whichever launcher started us; resumable; returns the last metrics."""
+    from papo_mega.checkpoint import (latest_checkpoint, load_training_checkpoint, resolve_resume,
+                                      save_model_dir, save_training_checkpoint)
+    from papo_mega.distributed import detect_launch, init_distributed, shutdown_distributed
+    from papo_mega.metrics import CollapseDetector, MetricsLogger, ProgressBar, plot_run
+    from papo_mega.sanity import check_replicas
+
+    launch = detect_launch()
+    cfg.check(launch.world_size)
+    groups = init_distributed(cfg.parallel.layout_sizes(), launch=launch, timeout_s=cfg.parallel.timeout_s,
+                              seed=cfg.train.seed)
+    cfg.check_algorithm(groups.layout.dp_size)
+    try:
+        trainer = PapoTrainer(cfg, groups)
+        is_main = groups.rank == 0
+        start = 0
+        resume = resolve_resume(cfg)
+        if resume is not None:
+            state = load_training_checkpoint(resume, trainer.chunks, trainer.optimizer, trainer.scheduler, groups,
+                                             load_optimizer=cfg.checkpoint.load_optimizer)
+            start = int(state["step"])
+            rank_state = state.get("rank_state") or {}
+            if "stream" in rank_state:
+                trainer.stream.load_state_dict(rank_state["stream"])
+                trainer.samples = iter(trainer.stream)
+            trainer.counters.update(rank_state.get("counters", {}))
+            if is_main:
+                print(f"[papo-mega] resumed from {resume} at step {start}", flush=True)
+        if is_main:
+            save_config(cfg, cfg.run.run_dir)
+            print(f"[papo-mega] train {cfg.algo.name}: {groups.layout.describe()}, backend {groups.backend}",
+                  flush=True)
+        logger = MetricsLogger(cfg.run.run_dir, cfg.run.tensorboard, is_main, start_step=start)
+        collapse = CollapseDetector(cfg.run.collapse_window)
+        bar = ProgressBar(cfg.train.steps, start, enabled=is_main)
+        metrics: dict = {}
+
+        def save(step: int) -> None:
+            rank_state = {"stream": trainer.stream.state_dict(), "counters": dict(trainer.counters)}
+            save_training_checkpoint(cfg.run.run_dir, step, trainer.chunks, trainer.optimizer, trainer.scheduler,
+                                     rank_state, cfg, groups)
+
+        for step in range(start, cfg.train.steps):
+            metrics = trainer.step(step)
+            done = step + 1
+            if cfg.train.sanity_every and done % cfg.train.sanity_every == 0:
+                check_replicas(trainer.chunks, groups)
+            clock = _timer()
+            if (cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0) or done == cfg.train.steps:
+                save(done)
+            metrics["time/checkpoint_s"] = clock()
+            logger.log(done, metrics)
+            warning = collapse.update(done, metrics.get("update/kl_prcp"), metrics.get("update/entropy"),
+                                      metrics.get("update/masked_entropy"))
+            if warning and is_main:
+                bar.write(f"[papo-mega] WARNING step {done}: {warning}")
+            bar.update(done, metrics)
+        bar.close()
+        logger.close()
+        final = save_model_dir(trainer.chunks, Path(cfg.run.run_dir) / "final", cfg.model, cfg.vision, groups)
+        if is_main:
+            plot_run(cfg.run.run_dir)
+            print(f"[papo-mega] done: model in {final}, latest checkpoint {latest_checkpoint(cfg.run.run_dir)}, "
+                  f"TensorBoard logs in {Path(cfg.run.run_dir) / 'tb'}", file=sys.stdout, flush=True)
+        return metrics
+    finally:
+        shutdown_distributed()
