@@ -28,6 +28,7 @@ from papo_mega.data.prompts import PromptTooLong
 from papo_mega.data.shards import ShardStream
 from papo_mega.distributed.runtime import ParallelGroups
 from papo_mega.errors import PapoError
+from papo_mega.metrics import LOSS_ENTROPY, LOSS_KL_PRCP, LOSS_MASKED_ENTROPY, flatten_step_metrics
 from papo_mega.reward import reward_summary, score_batch
 from papo_mega.rollout.assemble import assemble_policy_rows, longest_sequence
 from papo_mega.rollout.engine import MegatronEngine
@@ -187,11 +188,11 @@ class PapoTrainer:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank takes the same decision
         return bad.item() == 0.0
 
-    def _update(self, batches: list[PolicyMicroBatch]) -> dict:
+    def _update(self, batches: list[PolicyMicroBatch]) -> list[dict]:
+        """PPO epochs x updates of global_batch_size responses; one metrics dict per update."""
         cfg = self.cfg
         per_update = cfg.train.global_batch_size // self.groups.layout.dp_size // cfg.train.micro_batch_size
-        totals: dict[str, float] = {}
-        count = 0
+        updates = []
         for _ in range(cfg.train.ppo_epochs):
             for lo in range(0, len(batches), per_update):
                 for chunk in self.chunks:
@@ -200,17 +201,14 @@ class PapoTrainer:
                 metrics = papo_forward_backward(self.chunks, self.groups, batches[lo : lo + per_update], cfg.loss)
                 if not (math.isfinite(metrics["loss"]) and self._grads_finite()):
                     self.counters["skipped_updates"] += 1
-                    self.counters["nonfinite_streak"] += 1
+                    updates.append({"update_ok": False})
                     continue
                 _, grad_norm, _ = self.optimizer.step()
                 self.scheduler.step(increment=1)
-                metrics["grad_norm"] = float(grad_norm or 0.0)
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + value
-                count += 1
-        if count:
-            self.counters["nonfinite_streak"] = 0
-        return {key: value / count for key, value in totals.items()} if count else {}
+                updates.append({**metrics, "grad_norm": float(grad_norm or 0.0), "update_ok": True})
+        ok = any(u["update_ok"] for u in updates)
+        self.counters["nonfinite_streak"] = 0 if ok else self.counters["nonfinite_streak"] + 1
+        return updates
 
     # -- one whole step -----------------------------------------------------------------------
     def step(self, step: int) -> dict:
@@ -229,22 +227,21 @@ class PapoTrainer:
             raise PapoError(f"{self.counters['nonfinite_streak']} steps in a row had a NaN/inf loss or gradient "
                             f"(train.nonfinite_patience); stopped with the last good checkpoint intact - "
                             f"lower train.lr or check the data")
-        generated = float(groups.rollout.lengths.sum())
         local = torch.tensor([float(groups.rewards.sum()), float(groups.accuracy.sum()), float(groups.format.sum()),
-                              generated, float(len(groups.rewards))], dtype=torch.float64, device=self.groups.device)
+                              float(groups.rollout.lengths.sum()),
+                              float(sum(r == "length" for r in groups.rollout.finish_reason)),
+                              float(len(groups.rewards))], dtype=torch.float64, device=self.groups.device)
         dist.all_reduce(local, group=self.groups.dp)
-        rows = max(local[4].item(), 1.0)
-        seconds = sum(times.values())
-        return {
-            "reward/mean": local[0].item() / rows, "reward/accuracy": local[1].item() / rows,
-            "reward/format": local[2].item() / rows, "response/length_mean": local[3].item() / rows,
-            "perf/tokens_per_s": local[3].item() / max(times["rollout_and_reward"], 1e-9),
-            "optim/lr": self.optimizer.param_groups[0]["lr"],
-            "optim/skipped_updates": float(self.counters["skipped_updates"]),
-            "data/skipped_prompts": float(self.counters["skipped_prompts"]),
-            **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": seconds,
-            **dapo, **{f"update/{k}": v for k, v in update.items()},
-        }
+        reward, accuracy, fmt, generated, truncated, rows = local.tolist()
+        rows = max(rows, 1.0)
+        times["step"] = sum(times.values())
+        return flatten_step_metrics(
+            update, reward=reward / rows, accuracy=accuracy / rows, format_reward=fmt / rows,
+            response_length=generated / rows, truncated_frac=truncated / rows,
+            lr=self.optimizer.param_groups[0]["lr"], skipped_updates=self.counters["skipped_updates"],
+            tokens_per_s=generated / max(times["rollout_and_reward"], 1e-9), times=times,
+            extra={**dapo, "data/skipped_prompts": float(self.counters["skipped_prompts"])},
+        )
 
 
 def _select_groups(kept: list[tuple[RolloutGroups, int]], n: int) -> RolloutGroups:
@@ -255,7 +252,7 @@ def _select_groups(kept: list[tuple[RolloutGroups, int]], n: int) -> RolloutGrou
     def pad(t: torch.Tensor, value) -> torch.Tensor:
         return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
-    for index, (groups, g) in enumerate(kept):
+    for groups, g in kept:
         rows = slice(g * n, (g + 1) * n)
         prompts.append(groups.prompts[g])
         ids.append(pad(groups.rollout.response_ids[rows], 0))
@@ -273,8 +270,13 @@ def _select_groups(kept: list[tuple[RolloutGroups, int]], n: int) -> RolloutGrou
 
 def run_train(cfg: Config) -> dict:
     """Train cfg.train.steps steps under whichever launcher started us; resumable; returns the last metrics."""
-    from papo_mega.checkpoint import (latest_checkpoint, load_training_checkpoint, resolve_resume,
-                                      save_model_dir, save_training_checkpoint)
+    from papo_mega.checkpoint import (
+        latest_checkpoint,
+        load_training_checkpoint,
+        resolve_resume,
+        save_model_dir,
+        save_training_checkpoint,
+    )
     from papo_mega.distributed import detect_launch, init_distributed, shutdown_distributed
     from papo_mega.metrics import CollapseDetector, MetricsLogger, ProgressBar, plot_run
     from papo_mega.sanity import check_replicas
@@ -324,11 +326,11 @@ def run_train(cfg: Config) -> dict:
                 save(done)
             metrics["time/checkpoint_s"] = clock()
             logger.log(done, metrics)
-            warning = collapse.update(done, metrics.get("update/kl_prcp"), metrics.get("update/entropy"),
-                                      metrics.get("update/masked_entropy"))
+            warning = collapse.update(done, metrics.get(LOSS_KL_PRCP), metrics.get(LOSS_ENTROPY),
+                                      metrics.get(LOSS_MASKED_ENTROPY))
             if warning and is_main:
                 bar.write(f"[papo-mega] WARNING step {done}: {warning}")
-            bar.update(done, metrics)
+            bar.update(metrics)
         bar.close()
         logger.close()
         final = save_model_dir(trainer.chunks, Path(cfg.run.run_dir) / "final", cfg.model, cfg.vision, groups)

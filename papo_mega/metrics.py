@@ -1,0 +1,595 @@
+"""Training metrics: TensorBoard + metrics.jsonl, the collapse warning, the progress bar, PNG curves.
+
+    logger = MetricsLogger(cfg.run.run_dir, cfg.run.tensorboard, is_main, start_step=first_step)
+    detector = CollapseDetector(cfg.run.collapse_window)
+    bar = ProgressBar(cfg.train.steps, start_step=done_steps, enabled=is_main)
+    for step in ...:
+        scalars = flatten_step_metrics(update_metrics, reward=..., accuracy=..., times={...})
+        logger.log(step, scalars)
+        warning = detector.update(step, scalars.get(LOSS_KL_PRCP), scalars.get(LOSS_ENTROPY),
+                                  scalars.get(LOSS_MASKED_ENTROPY))
+        if warning:
+            bar.write(warning)
+        bar.update(scalars)
+    logger.close(); bar.close()
+
+`RUN_DIR/metrics.jsonl` (one JSON object per `log` call: `step`, `wall_time` and the tags; non-finite
+values as null) is the source of truth for `plot_run` and the tests; `RUN_DIR/tb` holds the same
+scalars for TensorBoard. Only the main rank writes; elsewhere every method is a no-op. Tag names
+and their meaning: docs/monitoring.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict, deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from papo_mega.errors import PapoError
+
+# --- standard tags -------------------------------------------------------------------------------
+# Rewards of the step's rollouts (means over all responses).
+REWARD_MEAN = "reward/mean"
+REWARD_ACCURACY = "reward/accuracy"
+REWARD_FORMAT = "reward/format"
+# The responses themselves.
+RESPONSE_LENGTH_MEAN = "response/length_mean"
+RESPONSE_TRUNCATED = "response/truncated_frac"
+RESPONSE_TOKENS = "response/tokens"
+RESPONSE_EMPTY_BATCHES = "response/empty_batches"
+# The objective's terms (token means over the global batch, averaged over the step's updates).
+LOSS_TOTAL = "loss/total"
+LOSS_PG = "loss/pg"
+LOSS_KL_PRCP = "loss/kl_prcp"
+LOSS_KL_REF = "loss/kl_ref"
+LOSS_ENTROPY = "loss/entropy"
+LOSS_MASKED_ENTROPY = "loss/masked_entropy"
+# Clipping: share of response tokens whose ratio hit each clip.
+CLIP_HIGH = "clip/high"
+CLIP_LOW = "clip/low"
+CLIP_DUAL = "clip/dual"
+# Importance ratio pi_theta / pi_old and how far the update moved the policy.
+RATIO_MEAN = "ratio/mean"
+RATIO_MAX = "ratio/max"
+RATIO_MIN = "ratio/min"
+RATIO_APPROX_KL_OLD = "ratio/approx_kl_old"
+# Optimiser.
+OPTIM_GRAD_NORM = "optim/grad_norm"
+OPTIM_LR = "optim/lr"
+OPTIM_SKIPPED_UPDATES = "optim/skipped_updates"
+# Throughput.
+PERF_TOKENS_PER_S = "perf/tokens_per_s"
+# Wall time per stage of a step, seconds: time_tag("rollout") == "time/rollout_s".
+TIME_STAGES = ("stream", "prepare", "rollout", "reward", "logprobs", "update", "checkpoint", "step")
+TIME_STREAM_S = "time/stream_s"
+TIME_PREPARE_S = "time/prepare_s"
+TIME_ROLLOUT_S = "time/rollout_s"
+TIME_REWARD_S = "time/reward_s"
+TIME_LOGPROBS_S = "time/logprobs_s"
+TIME_UPDATE_S = "time/update_s"
+TIME_CHECKPOINT_S = "time/checkpoint_s"
+TIME_STEP_S = "time/step_s"
+# Evaluation accuracy per image view: eval_tag("original") == "eval/original_accuracy".
+EVAL_VIEWS = ("original", "masked", "blank")
+
+
+def time_tag(stage: str) -> str:
+    """`time/<stage>_s`, the wall time of one stage of a step in seconds."""
+    return f"time/{stage}_s"
+
+
+def eval_tag(view: str) -> str:
+    """`eval/<view>_accuracy`, avg@k accuracy (a fraction) with that image view."""
+    return f"eval/{view}_accuracy"
+
+
+LOSS_TAGS: dict[str, str | None] = {
+    "loss": LOSS_TOTAL,
+    "pg_loss": LOSS_PG,
+    "kl_ref": LOSS_KL_REF,
+    "kl_prcp": LOSS_KL_PRCP,
+    "entropy": LOSS_ENTROPY,
+    "masked_entropy": LOSS_MASKED_ENTROPY,
+    "clip_frac_high": CLIP_HIGH,
+    "clip_frac_low": CLIP_LOW,
+    "clip_frac_dual": CLIP_DUAL,
+    "ratio_mean": RATIO_MEAN,
+    "ratio_max": RATIO_MAX,
+    "ratio_min": RATIO_MIN,
+    "approx_kl_old": RATIO_APPROX_KL_OLD,
+    "response_tokens": RESPONSE_TOKENS,
+    "empty_batches": RESPONSE_EMPTY_BATCHES,
+    # After papo_forward_backward's global reduction num_tokens equals response_tokens.
+    "num_tokens": None,
+    # What an optimizer step reports (papo_mega.lm_step.train_step), if merged into the update dict.
+    "grad_norm": OPTIM_GRAD_NORM,
+    "lr": OPTIM_LR,
+}
+"""Metric names returned by compute_papo_loss / papo_forward_backward (and an optimizer step) ->
+standard tags; None: not logged."""
+
+# Over the updates of one step: these add up; *_max / *_min take the max / min; the rest average.
+_SUMMED = {"response_tokens", "num_tokens", "empty_batches"}
+
+
+def _combine(name: str, values: list[float]) -> float:
+    if name.endswith("_max"):
+        return max(values)
+    if name.endswith("_min"):
+        return min(values)
+    if name in _SUMMED:
+        return float(sum(values))
+    return float(sum(values) / len(values))
+
+
+def flatten_step_metrics(
+    updates: Mapping[str, Any] | Sequence[Mapping[str, Any]] = (),
+    *,
+    reward: float | None = None,
+    accuracy: float | None = None,
+    format_reward: float | None = None,
+    response_length: float | None = None,
+    truncated_frac: float | None = None,
+    grad_norm: float | Sequence[float] | None = None,
+    lr: float | None = None,
+    skipped_updates: int | None = None,
+    tokens_per_s: float | None = None,
+    times: Mapping[str, float] | None = None,
+    eval_accuracy: Mapping[str, float] | None = None,
+    extra: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """One step's scalars under the standard tags, ready for `MetricsLogger.log`.
+
+    `updates`: the metric dict of each optimizer update of the step (the `papo_forward_backward`
+    names, optionally merged with `grad_norm`, `lr` and `update_ok` from the optimizer step), or a
+    single dict. Over the updates `*_max` / `*_min` take the max / min, `response_tokens` and
+    `empty_batches` add up, the rest are averaged; `update_ok == False` counts as a skipped update.
+    Names not in `LOSS_TAGS` are kept as they are if they contain "/", else as `misc/<name>`.
+    `times`: stage -> seconds (`time/<stage>_s`); `eval_accuracy`: view -> accuracy
+    (`eval/<view>_accuracy`); `extra`: tags passed through unchanged. Keyword arguments win over
+    the same tag derived from `updates`.
+    """
+    updates = [updates] if isinstance(updates, Mapping) else list(updates)
+    gathered: dict[str, list[float]] = defaultdict(list)
+    skipped = 0
+    for update in updates:
+        for name, value in update.items():
+            if name == "update_ok":
+                skipped += not bool(value)
+                continue
+            gathered[name].append(_as_float(name, value))
+    out: dict[str, float] = {}
+    for name, values in gathered.items():
+        tag = LOSS_TAGS.get(name, name if "/" in name else f"misc/{name}")
+        if tag is not None:
+            out[tag] = _combine(name, values)
+    if any("update_ok" in u for u in updates):
+        out[OPTIM_SKIPPED_UPDATES] = float(skipped)
+
+    if isinstance(grad_norm, Sequence):
+        grad_norm = sum(map(float, grad_norm)) / len(grad_norm) if grad_norm else None
+    for tag, value in (
+        (REWARD_MEAN, reward),
+        (REWARD_ACCURACY, accuracy),
+        (REWARD_FORMAT, format_reward),
+        (RESPONSE_LENGTH_MEAN, response_length),
+        (RESPONSE_TRUNCATED, truncated_frac),
+        (OPTIM_GRAD_NORM, grad_norm),
+        (OPTIM_LR, lr),
+        (OPTIM_SKIPPED_UPDATES, skipped_updates),
+        (PERF_TOKENS_PER_S, tokens_per_s),
+    ):
+        if value is not None:
+            out[tag] = _as_float(tag, value)
+    for stage, seconds in (times or {}).items():
+        out[time_tag(stage)] = _as_float(stage, seconds)
+    for view, acc in (eval_accuracy or {}).items():
+        out[eval_tag(view)] = _as_float(view, acc)
+    for tag, value in (extra or {}).items():
+        out[tag] = _as_float(tag, value)
+    return out
+
+
+def _as_float(name: str, value: Any) -> float:
+    try:
+        return float(value)  # float, int, bool, numpy scalar, 0-dim tensor
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"metric {name!r} = {value!r} is not a number") from err
+
+
+# --- logging -------------------------------------------------------------------------------------
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+PLOTS_DIR = "plots"
+_RESERVED = ("step", "wall_time")
+
+
+class MetricsLogger:
+    """Scalars per step to RUN_DIR/tb (TensorBoard) and RUN_DIR/metrics.jsonl, from the main rank.
+
+    `start_step`: the first step this process will log. When given, lines of metrics.jsonl with
+    step >= start_step are dropped (a resumed run has no duplicate steps; also a fresh run with
+    start_step 0 in an old run directory starts a clean file) and TensorBoard is told to purge
+    events from that step on (`purge_step`). None: append to whatever is there.
+    On other ranks (`is_main=False`) nothing is created or written.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, enabled_tensorboard: bool, is_main: bool,
+                 start_step: int | None = None, flush_secs: int = 30) -> None:
+        self.run_dir = Path(run_dir)
+        self.jsonl_path = self.run_dir / METRICS_FILE
+        self.tb_dir = self.run_dir / TB_DIR
+        self.is_main = is_main
+        self._file: TextIO | None = None
+        self._writer = None
+        if not is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if start_step is not None:
+            self.truncate_after(start_step - 1)
+        self._file = open(self.jsonl_path, "a", encoding="utf-8")  # closed by close()
+        if enabled_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.tb_dir), purge_step=start_step, flush_secs=flush_secs)
+
+    def log(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Write one step's scalars: a line of metrics.jsonl (non-finite as null) and TB scalars."""
+        if not self.is_main:
+            return
+        if self._file is None:
+            raise RuntimeError("MetricsLogger.log after close()")
+        if isinstance(step, bool) or int(step) != step:
+            raise TypeError(f"step must be an int, got {step!r}")
+        step = int(step)
+        values = {}
+        for tag, value in scalars.items():
+            if not isinstance(tag, str) or not tag or tag in _RESERVED:
+                raise ValueError(f"bad metric tag {tag!r} (a non-empty string other than {_RESERVED})")
+            values[tag] = _as_float(tag, value)
+        record: dict[str, Any] = {"step": step, "wall_time": round(time.time(), 3)}
+        record.update({tag: (v if math.isfinite(v) else None) for tag, v in values.items()})
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for tag, value in values.items():
+                self._writer.add_scalar(tag, value, step)
+
+    def truncate_after(self, step: int) -> int:
+        """Keep the lines of metrics.jsonl with step <= `step` (and drop unreadable ones, such as a
+        line cut short by a crash); return how many lines were dropped. To resume at step s call
+        truncate_after(s - 1), or pass start_step=s to the constructor."""
+        if not self.is_main or not self.jsonl_path.exists():
+            return 0
+        reopen = self._file is not None
+        if reopen:
+            self._file.close()
+        kept, dropped = [], 0
+        with open(self.jsonl_path, encoding="utf-8") as f:
+            for line in f:
+                record = _parse_line(line)
+                if record is not None and record["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+                elif line.strip():
+                    dropped += 1
+        if dropped:
+            tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, self.jsonl_path)
+        if reopen:
+            self._file = open(self.jsonl_path, "a", encoding="utf-8")
+        return dropped
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _parse_line(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        return None
+    return record
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """RUN_DIR/metrics.jsonl as tag -> [(step, value)] in file order (null -> nan); unreadable
+    lines (a line cut short by a crash) are skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise PapoError(f"no {METRICS_FILE} in {run_dir}; is it a run directory?")
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = _parse_line(line)
+            if record is None:
+                continue
+            for tag, value in record.items():
+                if tag in _RESERVED:
+                    continue
+                series[tag].append((record["step"], math.nan if value is None else float(value)))
+    return dict(series)
+
+
+def read_tensorboard_scalars(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in RUN_DIR/tb as tag -> [(step, value)], read with TensorBoard's own
+    EventAccumulator (events purged on resume are left out, as TensorBoard shows them)."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    tb_dir = Path(run_dir) / TB_DIR
+    if not tb_dir.is_dir() or not any(p.name.startswith("events.out.tfevents") for p in tb_dir.iterdir()):
+        raise PapoError(f"no TensorBoard event files in {tb_dir}; was run.tensorboard off?")
+    acc = event_accumulator.EventAccumulator(str(tb_dir), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+# --- collapse warning ----------------------------------------------------------------------------
+class CollapseDetector:
+    """Warns when KL_prcp and the entropy of both views have all risen for `window` steps in a row.
+
+    That is how PAPO collapse starts (docs/monitoring.md): KL_prcp grows without bound while the
+    entropy of the original and of the masked view rise. The values compared are an exponential
+    moving average of the logged ones (`smoothing`: the weight of the previous average; 0 compares
+    the raw values), so one noisy step does not break a run of increases. `update` returns a
+    one-line warning the first time all three have risen `window` times in a row, then stays
+    silent until the pattern breaks (any of the three fails to rise) and builds up again. Without a
+    KL_prcp or a masked entropy (GRPO / DAPO, or `entropy_estimator: full` without a masked
+    entropy) there is nothing to check: it returns None. A missing or non-finite value restarts it.
+    """
+
+    def __init__(self, window: int, smoothing: float = 0.5) -> None:
+        if int(window) < 1:
+            raise PapoError(f"run.collapse_window={window} must be >= 1")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing={smoothing} must be in [0, 1)")
+        self.window = int(window)
+        self.smoothing = float(smoothing)
+        self.reset()
+
+    def reset(self) -> None:
+        self._avg: tuple[float, float, float] | None = None  # smoothed values at the last step
+        self._raw: tuple[int, tuple[float, float, float]] | None = None  # last step and its raw values
+        self._start: tuple[int, tuple[float, float, float]] | None = None  # where the rising run began
+        self._rises = 0
+        self._warned = False
+
+    def update(self, step: int, kl_prcp: float | None, entropy: float | None,
+               masked_entropy: float | None) -> str | None:
+        """Feed one step's KL_prcp, entropy and masked entropy; a warning line or None."""
+        values = (kl_prcp, entropy, masked_entropy)
+        if any(v is None for v in values):
+            self.reset()
+            return None
+        raw = tuple(float(v) for v in values)
+        if not all(math.isfinite(v) for v in raw):
+            self.reset()
+            return None
+        last, last_raw = self._avg, self._raw
+        w = self.smoothing
+        now = raw if last is None else tuple(w * p + (1 - w) * v for p, v in zip(last, raw))
+        self._avg, self._raw = now, (step, raw)
+        if last is not None and all(n > p for n, p in zip(now, last)):
+            if self._rises == 0:
+                self._start = last_raw
+            self._rises += 1
+        else:
+            self._rises, self._start, self._warned = 0, None, False
+            return None
+        if self._rises < self.window or self._warned:
+            return None
+        self._warned = True
+        first_step, first = self._start
+        return (
+            f"step {step}: possible PAPO collapse - KL_prcp {first[0]:.4g} -> {raw[0]:.4g}, entropy "
+            f"{first[1]:.4g} -> {raw[1]:.4g}, masked entropy {first[2]:.4g} -> {raw[2]:.4g}, all rising for "
+            f"{self._rises} steps since step {first_step}; if reward falls too, raise loss.entropy_coef / "
+            f"loss.masked_entropy_coef or lower loss.prcp_coef or data.mask_ratio (docs/monitoring.md)"
+        )
+
+
+# --- progress ------------------------------------------------------------------------------------
+_POSTFIX = ((REWARD_MEAN, "reward"), (REWARD_ACCURACY, "acc"), (LOSS_KL_PRCP, "kl_prcp"), (LOSS_ENTROPY, "entropy"))
+
+
+class ProgressBar:
+    """A tqdm bar over the training steps whose postfix shows reward, acc, kl_prcp, entropy and
+    s/step. When `file` (default stderr) is not a terminal - CI logs, Slurm output - it prints a
+    plain line every `every` steps and at the last step instead. `enabled=False` (non-main ranks):
+    nothing is shown. Call `update(scalars)` once per finished step."""
+
+    def __init__(self, total_steps: int, start_step: int = 0, enabled: bool = True, *, every: int = 1,
+                 file: TextIO | None = None, desc: str = "train") -> None:
+        self.total = int(total_steps)
+        self.n = int(start_step)
+        self.enabled = enabled
+        self.every = max(1, int(every))
+        self.file = file if file is not None else sys.stderr
+        self._intervals: deque[float] = deque(maxlen=10)
+        self._last_time = time.monotonic()
+        self._bar = None
+        self.tty = bool(getattr(self.file, "isatty", lambda: False)())
+        if enabled and self.tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, initial=self.n, desc=desc, file=self.file, dynamic_ncols=True,
+                             unit="step")
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        """Mean wall time of the last (up to 10) steps."""
+        return sum(self._intervals) / len(self._intervals) if self._intervals else None
+
+    def _postfix(self, scalars: Mapping[str, Any]) -> str:
+        parts = []
+        for tag, label in _POSTFIX:
+            if scalars.get(tag) is not None:
+                parts.append(f"{label} {float(scalars[tag]):.4g}")
+        if self.seconds_per_step is not None:
+            parts.append(f"{self.seconds_per_step:.3g} s/step")
+        return "  ".join(parts)
+
+    def update(self, scalars: Mapping[str, Any] | None = None, n: int = 1) -> None:
+        now = time.monotonic()
+        if n > 0:
+            self._intervals.append((now - self._last_time) / n)
+        self._last_time = now
+        self.n += n
+        if not self.enabled:
+            return
+        postfix = self._postfix(scalars or {})
+        if self._bar is not None:
+            self._bar.set_postfix_str(postfix, refresh=False)
+            self._bar.update(n)
+        elif self.n % self.every == 0 or self.n >= self.total:
+            eta = ""
+            if self.seconds_per_step is not None and self.n < self.total:
+                eta = f"  eta {_duration(self.seconds_per_step * (self.total - self.n))}"
+            print(f"step {self.n}/{self.total}  {postfix}{eta}".rstrip(), file=self.file, flush=True)
+
+    def write(self, message: str) -> None:
+        """Print a line (a warning) without breaking the bar; nothing when disabled."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=self.file)
+        else:
+            print(message, file=self.file, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# --- plots ---------------------------------------------------------------------------------------
+_GROUP_ORDER = ("reward", "response", "loss", "clip", "ratio", "optim", "perf", "time", "eval")
+COLLAPSE_SIGNALS = (LOSS_KL_PRCP, LOSS_ENTROPY, LOSS_MASKED_ENTROPY, CLIP_HIGH, REWARD_MEAN, RESPONSE_LENGTH_MEAN)
+"""The panels of plots/collapse.png: what to look at together when a PAPO run may be collapsing."""
+
+
+_STANDARD_ORDER = {tag: i for i, tag in enumerate((
+    REWARD_MEAN, REWARD_ACCURACY, REWARD_FORMAT, RESPONSE_LENGTH_MEAN, RESPONSE_TRUNCATED, RESPONSE_TOKENS,
+    RESPONSE_EMPTY_BATCHES, LOSS_TOTAL, LOSS_PG, LOSS_KL_PRCP, LOSS_KL_REF, LOSS_ENTROPY, LOSS_MASKED_ENTROPY,
+    CLIP_HIGH, CLIP_LOW, CLIP_DUAL, RATIO_MEAN, RATIO_MAX, RATIO_MIN, RATIO_APPROX_KL_OLD, OPTIM_GRAD_NORM,
+    OPTIM_LR, OPTIM_SKIPPED_UPDATES, PERF_TOKENS_PER_S, *(time_tag(s) for s in TIME_STAGES),
+    *(eval_tag(v) for v in EVAL_VIEWS),
+))}
+
+
+def _ema(values: list[float], weight: float) -> list[float]:
+    """TensorBoard-style debiased exponential moving average; NaNs are skipped (kept as NaN)."""
+    out, acc, norm = [], 0.0, 0.0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(math.nan)
+            continue
+        acc = weight * acc + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(acc / norm)
+    return out
+
+
+def _figure(title: str, panels: list[tuple[str, list[tuple[int, float]]]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    width, height = 4.4 * ncols, 3.0 * nrows + 0.4
+    fig = Figure(figsize=(width, height))
+    fig.suptitle(title)
+    # Fixed margins in inches (a layout engine would draw every figure twice).
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.7 / height,
+                        wspace=0.35, hspace=0.55)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (tag, points) in zip(axes, panels):
+        points = sorted(points, key=lambda p: p[0])
+        steps = [p[0] for p in points]
+        values = [p[1] for p in points]
+        ax.set_title(tag, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if not any(math.isfinite(v) for v in values):
+            ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
+            continue
+        if len(points) >= 10:
+            ax.plot(steps, values, color="C0", alpha=0.3, linewidth=0.8)
+            ax.plot(steps, _ema(values, 0.8), color="C0", linewidth=1.5)
+        else:
+            ax.plot(steps, values, color="C0", marker="o", markersize=3, linewidth=1.2)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.savefig(path, dpi=100)
+
+
+def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Curves of every tag in RUN_DIR/metrics.jsonl, x = step: one PNG per tag group (the part
+    before "/": reward, response, loss, clip, ratio, optim, perf, time, eval, ...) with a panel per
+    tag, plus collapse.png with the collapse signals side by side. Written to RUN_DIR/plots (or
+    `out_dir`); returns the paths."""
+    series = read_metrics(run_dir)
+    if not series:
+        raise PapoError(f"{Path(run_dir) / METRICS_FILE} holds no steps yet; plot again after the first step")
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / PLOTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, list[str]] = defaultdict(list)
+    for tag in series:
+        groups[tag.split("/", 1)[0] if "/" in tag else "other"].append(tag)
+    order = [g for g in _GROUP_ORDER if g in groups] + sorted(g for g in groups if g not in _GROUP_ORDER)
+    paths = []
+    for group in order:
+        path = out / f"{_safe_name(group)}.png"
+        _figure(f"{group} - {Path(run_dir).name}", [(t, series[t]) for t in sorted(groups[group], key=_tag_key)], path)
+        paths.append(path)
+    signals = [t for t in COLLAPSE_SIGNALS if t in series]
+    if LOSS_KL_PRCP in series:
+        path = out / "collapse.png"
+        _figure(f"collapse signals - {Path(run_dir).name}", [(t, series[t]) for t in signals], path)
+        paths.append(path)
+    return paths
+
+
+def _tag_key(tag: str) -> tuple[int, str]:
+    return (_STANDARD_ORDER.get(tag, len(_STANDARD_ORDER)), tag)
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "other"
