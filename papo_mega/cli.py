@@ -2,7 +2,10 @@
 
     papo-mega smoke examples/tiny_cpu.yaml parallel.tp_size=2   # under torchrun / srun / mpirun
     papo-mega demo                                               # 4 local CPU processes, TP2xPP2
+    papo-mega train examples/papo_g_7b.yaml [--resume auto]      # RL, under torchrun / srun / mpirun
+    papo-mega sft examples/tiny_cpu.yaml                         # supervised warm start
     papo-mega eval --ckpt MODEL_DIR --data SHARDS --k 8          # avg@k and vision reliance
+    papo-mega plot RUN_DIR                                       # PNG curves of a run
 
 User mistakes (PapoError) print one line naming the problem and the fix and exit with 2.
 """
@@ -55,6 +58,33 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from papo_mega.config import load_config
+    from papo_mega.train import run_train
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    run_train(load_config(args.config, overrides))
+    return 0
+
+
+def _cmd_sft(args) -> int:
+    from papo_mega.config import load_config
+    from papo_mega.sft import run_sft
+
+    run_sft(load_config(args.config, args.overrides))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from papo_mega.metrics import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="papo-mega", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, default=4, help="local processes (default 4)")
     demo.add_argument("overrides", nargs="*", help="dotted overrides")
     demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser("train", help="RL training (grpo | papo_g | dapo | papo_d), resumable")
+    train.add_argument("config", help="YAML recipe, e.g. examples/papo_g_7b.yaml")
+    train.add_argument("--resume", default=None, help="auto (default from the recipe) | none | a checkpoint path")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
+    train.set_defaults(func=_cmd_train)
+
+    sft = sub.add_parser("sft", help="supervised warm start on the training shards (PAPO answer format)")
+    sft.add_argument("config", help="YAML recipe")
+    sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=100")
+    sft.set_defaults(func=_cmd_sft)
+
+    plot = sub.add_parser("plot", help="PNG curves of a run's metrics into RUN_DIR/plots")
+    plot.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
+    plot.set_defaults(func=_cmd_plot)
 
     ev = sub.add_parser("eval", help="avg@k accuracy and vision reliance (original / masked / blank image)")
     ev.add_argument("--ckpt", required=True, help="model directory (papo_model.json + model/)")

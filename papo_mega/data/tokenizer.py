@@ -119,12 +119,15 @@ class SentencePieceTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
+        """Text of ids; ids the sentencepiece model does not have (the model's vocabulary is padded
+        past it, and a sampling model can emit them) decode to nothing rather than raising."""
         pieces, run = [], []
+        size = self._sp.get_piece_size()
         for i in ids:
             if i in self._id_to_marker:
                 pieces += [self._sp.decode(run), self._id_to_marker[i]]
                 run = []
-            else:
+            elif 0 <= int(i) < size:
                 run.append(int(i))
         return "".join(pieces) + self._sp.decode(run)
 
