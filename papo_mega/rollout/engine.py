@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
@@ -29,6 +30,27 @@ from papo_mega.models.forward import run_schedule
 from papo_mega.models.rope_index import compute_mrope_position_ids
 from papo_mega.rollout.sampling import rollout_generator, sample_tokens, token_logprobs
 from papo_mega.types import RolloutBatch, RolloutPrompt
+
+
+@contextlib.contextmanager
+def _without_cpu_device_mode(suspend: bool):
+    """Pop CPU mode's device-rewriting TorchFunctionMode for the block (when it is the innermost
+    torch-function mode). Its Python hook on every torch call costs ~25 % of a tiny model's decode
+    step (docs/rollout.md). Only for code that names no CUDA device: a TP1/PP1 decode step (the
+    KV cache is allocated at prefill, the rotary tables are cached by then or need no device, and
+    no TP collective runs). On CUDA, or outside CPU mode, this does nothing.
+    """
+    from papo_mega.distributed import cpu_mode
+
+    mode = cpu_mode._active_mode
+    if not suspend or mode is None or torch.overrides._get_current_function_mode() is not mode:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
 
 
 class RolloutEngine(Protocol):
@@ -59,6 +81,21 @@ class MegatronEngine:
                      attention_mask=attention_mask.to(device),
                      pixel_values=None if pixel_values is None else pixel_values.to(device),
                      image_grid_thw=None if image_grid_thw is None else image_grid_thw.to(device))
+        rows, seq = input_ids.shape
+        if groups.layout.pp_size == 1 and len(self.chunks) == 1:
+            # One stage, one micro-batch: the forward-only schedule would only call the chunk
+            # (after the fp8 first-micro-batch flag, kept here); calling it directly saves its
+            # bookkeeping, and lets a decode step run outside CPU mode (_without_cpu_device_mode).
+            chunk = self.chunks[0]
+            if hasattr(chunk, "set_is_first_microbatch"):
+                chunk.set_is_first_microbatch()
+            suspend = context.sequence_len_offset > 0 and groups.layout.tp_size == 1
+            with torch.no_grad(), _without_cpu_device_mode(suspend):
+                output = chunk(batch["input_ids"], batch["position_ids"], attention_mask=batch["attention_mask"],
+                               pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                               inference_context=context)
+            context.sequence_len_offset += seq
+            return output[:, -1, :vocab].float().contiguous()
 
         def forward_step(data_iterator, model):
             item = next(data_iterator)
@@ -71,7 +108,6 @@ class MegatronEngine:
 
             return output, collect
 
-        rows, seq = input_ids.shape
         with torch.no_grad():
             out = run_schedule(self.chunks, [batch], forward_step, seq_length=seq, micro_batch_size=rows)
         logits = out[0]["logits"] if out else torch.empty(rows, vocab, device=device)
@@ -79,6 +115,8 @@ class MegatronEngine:
         return logits
 
     def _share_last_stage(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        if self.groups.layout.pp_size == 1:  # every rank is the last stage
+            return list(tensors)
         last = dist.get_global_rank(self.groups.pp, self.groups.layout.pp_size - 1)
         out = []
         for tensor in tensors:
