@@ -306,7 +306,8 @@ def run_train(cfg: Config) -> dict:
             save_config(cfg, cfg.run.run_dir)
             print(f"[papo-mega] train {cfg.algo.name}: {groups.layout.describe()}, backend {groups.backend}",
                   flush=True)
-        logger = MetricsLogger(cfg.run.run_dir, cfg.run.tensorboard, is_main, start_step=start)
+        # Steps are logged 1-based (after step k, k steps are done): the first line this process writes.
+        logger = MetricsLogger(cfg.run.run_dir, cfg.run.tensorboard, is_main, start_step=start + 1)
         collapse = CollapseDetector(cfg.run.collapse_window)
         bar = ProgressBar(cfg.train.steps, start, enabled=is_main)
         metrics: dict = {}
