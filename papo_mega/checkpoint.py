@@ -1,15 +1,58 @@
-"""Model checkpoints in megatron-core's distributed format (reshardable across layouts).
+"""Checkpoints in megatron-core's distributed format: model directories and full training checkpoints.
 
 Every rank writes only its shards; the stored tensors are keyed by global names with global
-offsets, so a checkpoint written at TP2xPP2 loads at TP1, PP2 or any other layout.
-(The full training checkpoint - optimizer, data position, RNG - builds on this.)
+offsets, so model weights written at TP2xPP2 load at TP1, PP2 or any other layout.
+
+Training checkpoints (docs/checkpoints.md) add the optimizer, the LR scheduler, the step, the
+resolved config and every rank's own state (data position, RNG) on top, and are published
+atomically:
+
+    RUN_DIR/checkpoints/step_00000004/     model + optimizer shards (metadata.json, *.distcp, common.pt),
+                                           checkpoint.json (the completion marker), config.yaml,
+                                           rank_state/rank_00000.pt ...
+    RUN_DIR/checkpoints/latest             "step_00000004", rewritten last
+
+    path = save_training_checkpoint(run_dir, step, chunks, optimizer, scheduler, rank_state, cfg, groups)
+    resume = resolve_resume(cfg)           # auto | none | a path
+    state = load_training_checkpoint(resume, chunks, optimizer, scheduler, groups)
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from papo_mega.errors import PapoError
+
+_log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MARKER = "checkpoint.json"
+RANK_STATE = "rank_state"
+FORMAT_VERSION = 1
+DISTOPT_FORMAT = "dp_reshardable"
+"""How the DistributedOptimizer's state is stored: megatron-core 0.16's default for training
+(parallel save and load without exchange; reshards across the data-parallel size only). The other
+reshardable choice, 'fully_reshardable', gathers a whole model-parallel shard's optimizer state on
+every DP rank at each save; pass it as `optimizer_format` when a resume must change TP/PP."""
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_TMP_DIR = re.compile(r"^step_\d{8}\.(tmp|old)-[0-9a-f]+$")
+
+_FAULT_HOOK: Callable[[str], None] | None = None
+"""Tests only: called with the save phase ('shards_written', 'published') to simulate a crash there."""
 
 
 def _unwrap(chunk):
@@ -72,12 +115,657 @@ def save_model_dir(chunks, out_dir: str | Path, model, vision, groups) -> Path:
     from papo_mega.convert.hf_to_mcore import write_metadata
 
     out = Path(out_dir)
+    if dist.get_rank() == 0 and (out / "model").exists():
+        import shutil
+
+        shutil.rmtree(out / "model")  # a re-run replaces its model directory (e.g. RUN_DIR/final)
+    dist.barrier()
     save_model(chunks, out / "model")
     if dist.get_rank() == 0:
         from transformers import Qwen2_5_VLConfig
+        from transformers.utils import logging as hf_logging
 
-        hf_config = Qwen2_5_VLConfig(**hf_config_kwargs(model, vision)).to_dict()
+        # A tiny vocabulary makes transformers warn that Qwen's default bos/eos ids lie outside
+        # it; they are unused by export and eval, so keep the run's output clean.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            hf_config = Qwen2_5_VLConfig(**hf_config_kwargs(model, vision)).to_dict()
+        finally:
+            hf_logging.set_verbosity(verbosity)
         dtype = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}[model.precision]
         write_metadata(out, hf_config, model, vision, dtype)
     dist.barrier()
     return out
+
+
+# -- training checkpoints -----------------------------------------------------------------------
+
+
+def _fault(phase: str) -> None:
+    if _FAULT_HOOK is not None:
+        _FAULT_HOOK(phase)
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def read_marker(path: str | Path) -> dict | None:
+    """The completion marker of a published checkpoint directory, or None when it is not one."""
+    marker = Path(path) / MARKER
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("complete") is True else None
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return not _TMP_DIR.match(path.name) and read_marker(path) is not None
+
+
+def _complete_steps(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete checkpoint under RUN_DIR/checkpoints, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for entry in ckpt_root.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir() and read_marker(entry) is not None:
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint RUN_DIR/checkpoints/latest names; if that pointer is missing or names no
+    complete checkpoint, the complete step directory with the highest step (None if there is none).
+    Temporary (unpublished) directories are never returned. No collectives."""
+    root = checkpoints_dir(run_dir)
+    pointer = root / LATEST
+    try:
+        name = pointer.read_text().strip()
+    except OSError:
+        name = None
+    if name and _STEP_DIR.match(name) and is_complete_checkpoint(root / name):
+        return root / name
+    steps = _complete_steps(root)
+    if name is not None or steps:
+        _log.warning("%s %s; using the newest complete checkpoint instead: %s", pointer,
+                     "names no complete checkpoint" if name is not None else "is missing",
+                     steps[-1][1] if steps else None)
+    return steps[-1][1] if steps else None
+
+
+def resolve_resume(cfg) -> Path | None:
+    """Which checkpoint to resume from: checkpoint.resume = auto (the latest in run.run_dir, or
+    None for a fresh run), none (None), or a path (that checkpoint; PapoError if incomplete)."""
+    resume = str(cfg.checkpoint.resume).strip()
+    if resume == "auto":
+        return latest_checkpoint(cfg.run.run_dir)
+    if resume in ("none", ""):
+        return None
+    path = Path(resume)
+    if is_complete_checkpoint(path):
+        return path
+    if (path / CHECKPOINTS).is_dir() or path.name == CHECKPOINTS:
+        hint = f"it looks like a run directory; pass one of its {CHECKPOINTS}/step_* directories or resume=auto"
+    elif _TMP_DIR.match(path.name):
+        hint = "it is an unpublished (interrupted) save; pass a published step_* directory"
+    elif not path.exists():
+        hint = "it does not exist"
+    else:
+        hint = f"it has no {MARKER} completion marker"
+    raise PapoError(f"checkpoint.resume={resume} is not a complete training checkpoint ({hint}); "
+                    f"use auto, none or a RUN_DIR/{CHECKPOINTS}/step_NNNNNNNN directory")
+
+
+# -- what identifies the model, the layout and the optimizer ---------------------------------------
+
+
+def _local_signature(chunks) -> dict:
+    """Shape-defining settings of this rank's chunks, named as config keys."""
+    sig: dict = {}
+    for chunk in chunks:
+        inner = _unwrap(chunk)
+        config = getattr(inner, "config", None)
+        for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups"):
+            if config is not None and getattr(config, key, None) is not None:
+                sig[f"model.{key}"] = int(getattr(config, key))
+        if getattr(inner, "vocab_size", None) is not None:
+            sig["model.vocab_size"] = int(inner.vocab_size)
+        lm = getattr(inner, "lm", None)
+        if lm is not None and getattr(lm, "vocab_size", None) is not None:
+            sig["model.padded_vocab_size"] = int(lm.vocab_size)
+        if hasattr(inner, "share_embeddings_and_output_weights"):
+            sig["model.tie_embeddings"] = bool(inner.share_embeddings_and_output_weights)
+        vision = getattr(inner, "vision", None)
+        if vision is not None:
+            sig["vision.enabled"] = True
+            vcfg = getattr(vision, "vision_cfg", None)
+            for key in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                        "temporal_patch_size", "spatial_merge_size"):
+                if vcfg is not None and getattr(vcfg, key, None) is not None:
+                    sig[f"vision.{key}"] = int(getattr(vcfg, key))
+        elif getattr(inner, "pre_process", False):
+            sig["vision.enabled"] = False  # the first stage is where a vision tower would live
+    return sig
+
+
+def model_signature(chunks) -> dict:
+    """The union of every rank's `_local_signature` (collective): the same dict on every rank."""
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, _local_signature(chunks))
+    merged: dict = {}
+    for sig in gathered:
+        merged.update(sig)
+    return dict(sorted(merged.items()))
+
+
+def _layout_of(groups) -> dict:
+    lay = groups.layout
+    return {"world_size": lay.world_size, "tp_size": lay.tp_size, "pp_size": lay.pp_size,
+            "vpp_size": lay.vpp_size, "cp_size": lay.cp_size, "dp_size": lay.dp_size}
+
+
+def _optimizer_kind(optimizer) -> str | None:
+    """'distributed' (megatron DistributedOptimizer), 'plain' (model-space state), None (no optimizer)."""
+    if optimizer is None:
+        return None
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "plain"
+
+
+def _optimizer_has_state(optimizer) -> bool:
+    """Whether the optimizer has stepped (Adam moments exist) on every rank (collective).
+
+    Before its first step megatron's torch-Adam path cannot build a state dict; such an optimizer
+    is saved as 'empty' and a resume simply starts with a fresh one - the same thing."""
+    import torch.distributed as dist
+
+    inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    local = all(opt is None or len(opt.state) > 0 or not any(g["params"] for g in opt.param_groups)
+                for opt in inner)
+    flag = torch.tensor([1 if local else 0], dtype=torch.int32,
+                        device="cuda" if torch.cuda.is_available() else "cpu")  # nccl reduces on the GPU
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _prepare_optimizer_for_load(optimizer) -> None:
+    """Give a never-stepped DistributedOptimizer a (zero) state to be overwritten by the load.
+
+    On the torch-Adam fallback (no Transformer Engine / apex) megatron 0.16 builds the load state
+    dict from `state_dict()`, which asserts that every parameter has a step: with no state yet it
+    fails. Moments and step created here are replaced by the checkpoint's."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or inner is None or len(inner.state) > 0:
+            continue
+        if getattr(opt, "init_state_fn", None) is None:
+            continue
+        opt.init_state_fn(inner, opt.config)
+        for state in inner.state.values():
+            state.setdefault("step", torch.tensor(0.0))
+
+
+def _restore_steps(optimizer) -> None:
+    """Give every parameter its own, correct Adam `step` after a DistributedOptimizer load.
+
+    On the torch-Adam path megatron 0.16 (dp_reshardable) restores the step into the param groups
+    and then overwrites the per-parameter step with the value it had before the load (0 for a fresh
+    optimizer); where it does set it, all parameters share one tensor, which torch's Adam would
+    advance once per parameter per update. The param groups hold the saved step: use it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or inner is None:
+            continue
+        steps = {float(g["step"]) for g in inner.param_groups if g["params"] and g.get("step") is not None}
+        saved = next(iter(steps)) if len(steps) == 1 else None
+        for state in inner.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                state["step"] = step.clone() if saved is None else torch.tensor(saved, dtype=step.dtype,
+                                                                                device=step.device)
+
+
+@contextlib.contextmanager
+def _tolerate_missing_step(optimizer):
+    """While loading: let megatron's copy into the torch-Adam state skip the `step` that the
+    fully_reshardable format does not store (megatron 0.16 raises KeyError on the torch-Adam path;
+    with Transformer Engine / apex there is no per-parameter step). `_restore_steps` sets it after."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    patched = []
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            if isinstance(opt, distrib_optimizer.DistributedOptimizer):
+                original = opt._set_main_param_and_optimizer_states
+
+                def setter(model_param, tensors, _original=original):
+                    if "step" not in tensors:
+                        tensors = {**tensors, "step": torch.zeros(())}
+                    _original(model_param, tensors)
+
+                opt._set_main_param_and_optimizer_states = setter
+                patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+
+
+def _optimizer_metadata(kind: str | None, optimizer_format: str) -> dict:
+    # megatron's own training metadata (0.16): no singleton shards, no per-chain prefix.
+    meta: dict = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if kind == "distributed":
+        meta["distrib_optim_sharding_type"] = optimizer_format
+    return meta
+
+
+# -- RNG -------------------------------------------------------------------------------------------
+
+
+def capture_rng_states() -> dict:
+    """Every generator a training step may draw from: python, numpy, torch CPU, CUDA, megatron's tracker."""
+    import numpy as np
+    from megatron.core.tensor_parallel import random as mp_random
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch_cpu": torch.get_rng_state(),
+              "torch_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    tracker = mp_random.get_cuda_rng_tracker()
+    states["megatron_tracker"] = {name: state.clone() for name, state in tracker.get_states().items()}
+    return states
+
+
+def restore_rng_states(states: dict, tracker: bool = True) -> None:
+    """Put back what `capture_rng_states` took (the megatron tracker only when `tracker`)."""
+    import numpy as np
+    from megatron.core.tensor_parallel import random as mp_random
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch_cpu"])
+    if states.get("torch_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["torch_cuda"])
+    if tracker and states.get("megatron_tracker"):
+        mp_random.get_cuda_rng_tracker().set_states({k: v.clone() for k, v in states["megatron_tracker"].items()})
+
+
+# -- saving ----------------------------------------------------------------------------------------
+
+
+def _first_oserror(err: BaseException) -> BaseException | None:
+    """The OSError behind err (itself, its cause chain, or a torch CheckpointException's failures)."""
+    seen = set()
+    stack = [err]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        stack.extend([current.__cause__, current.__context__])
+        for failure in (getattr(current, "failures", None) or {}).values():
+            if isinstance(failure, BaseException):
+                stack.append(failure)
+            elif isinstance(failure, tuple) and failure and isinstance(failure[0], BaseException):
+                stack.append(failure[0])
+    return None
+
+
+def _checkpoint_exception() -> type:
+    """torch.distributed.checkpoint's CheckpointException (a BaseException, not an Exception)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def _is_save_failure(err: BaseException) -> bool:
+    """An I/O failure (disk full, permissions, ...) or megatron's report of one on some rank."""
+    return _first_oserror(err) is not None or isinstance(err, _checkpoint_exception())
+
+
+def _save_error(step: int, directory: Path, err: BaseException | str, previous: Path | None) -> PapoError:
+    if isinstance(err, BaseException):
+        cause = _first_oserror(err)
+        where = ""
+        if cause is None:
+            # megatron's writer failures arrive as {rank: (exception, traceback)}, the OSError
+            # itself only in the text (its __cause__ does not survive the gather between ranks).
+            failures = getattr(err, "failures", None) or {}
+            for rank, failure in sorted(failures.items()):
+                cause = failure[0] if isinstance(failure, tuple) and failure else failure
+                where = f" on rank {rank}"
+                break
+        cause = cause if isinstance(cause, BaseException) else err
+        what = f"{type(cause).__name__}{where}: {cause}".splitlines()[0]
+        if getattr(cause, "errno", None) == errno.ENOSPC or "No space left on device" in what:
+            what += " - free disk space or lower checkpoint.keep_last"
+    else:
+        what = err
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return PapoError(f"saving the checkpoint of step {step} to {directory} failed ({what}); nothing was "
+                     f"published and {kept}")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write text to path via a temporary file and os.replace (readers see old or new, never half)."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _agree(error: str | None) -> str | None:
+    """Every rank's local outcome -> the first error any rank had (collective; same on all ranks)."""
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, error)
+    return next((e for e in gathered if e), None)
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    """Rank 0: move the finished temporary directory into place, then repoint `latest` (last)."""
+    aside = None
+    if final.exists():
+        # Re-saving a step (a resume from an older checkpoint): move the old one aside first; it is
+        # cleaned up with the stale temporary directories.
+        aside = root / f"{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if aside is not None:
+            os.replace(aside, final)
+        raise
+    _fsync_dir(root)
+    _fault("published")
+    _write_atomic(root / LATEST, final.name + "\n")
+
+
+def _prune(root: Path, keep_last: int, new: Path, current_tmp: Path) -> None:
+    """Rank 0, after publishing: drop complete checkpoints beyond keep_last (never `new`) and stale
+    temporary directories of interrupted saves. Failures here only warn: the new checkpoint stands."""
+    others = [path for _, path in _complete_steps(root) if path != new]
+    doomed = others[: max(0, len(others) - (keep_last - 1))]
+    doomed += [e for e in root.iterdir() if _TMP_DIR.match(e.name) and e != current_tmp and e.is_dir()]
+    for path in doomed:
+        try:
+            shutil.rmtree(path)
+        except OSError as err:
+            _log.warning("could not delete old checkpoint directory %s: %s", path, err)
+
+
+def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, scheduler, rank_state: dict,
+                             cfg, groups, *, optimizer_format: str = DISTOPT_FORMAT) -> Path:
+    """Write a full training checkpoint of `step` and publish it atomically (collective).
+
+    Saved: model shards and optimizer state (megatron dist_checkpointing), the scheduler state, the
+    step, the resolved config, and per rank `rank_state` (the caller's data position, counters, ...)
+    plus every RNG state. Written under RUN_DIR/checkpoints/step_X.tmp-ID, renamed to step_X once
+    every rank has finished and the completion marker is written; RUN_DIR/checkpoints/latest is
+    rewritten after that, then checkpoints beyond cfg.checkpoint.keep_last and stale temporary
+    directories are deleted. Returns the published directory.
+
+    Any OSError while saving (a full disk, ...) raises a one-line PapoError on every rank; nothing is
+    published and the previous checkpoint stays the latest. (A failure inside megatron's writer that
+    only one rank sees is reported by megatron to all ranks; a failure before megatron's first
+    collective can leave the other ranks waiting for parallel.timeout_s.)
+    """
+    import torch.distributed as dist
+
+    from papo_mega.config import save_config
+
+    root = checkpoints_dir(run_dir)
+    final = root / step_dir_name(step)
+    is_main = dist.get_rank() == 0
+    previous = latest_checkpoint(run_dir) if is_main else None
+
+    # 1. rank 0 names and creates the temporary directory; everyone learns its name (or the error).
+    plan: list = [None, None, str(previous) if previous else None]
+    if is_main:
+        tmp_name = f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            (root / tmp_name).mkdir(parents=True)
+            plan[0] = tmp_name
+        except OSError as err:
+            plan[1] = str(_save_error(step, root / tmp_name, err, previous))
+    dist.broadcast_object_list(plan, src=0)
+    if plan[1]:
+        raise PapoError(plan[1])
+    tmp = root / plan[0]
+    previous = Path(plan[2]) if plan[2] else None
+
+    # 2. model + optimizer shards (megatron reports a write failure on any rank to all ranks).
+    kind = _optimizer_kind(optimizer)
+    empty = kind is not None and not _optimizer_has_state(optimizer)
+    model_sd = model_sharded_state_dict(chunks)
+    sharded: dict = {"model": model_sd}
+    if kind is not None and not empty:
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=False, metadata=_optimizer_metadata(kind, optimizer_format))
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    # As megatron's training does by default: the DP replicas share the writing of replicated shards.
+    strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), groups.dp)
+    try:
+        dist_checkpointing.save(sharded, str(tmp), sharded_strategy=strategy)
+    except (Exception, _checkpoint_exception()) as err:
+        if not _is_save_failure(err):
+            raise
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(step, tmp, err, previous) from None
+
+    # 3. this rank's own state, and (rank 0) the config; then everyone agrees it all went well.
+    signature = model_signature(chunks)
+    index: list = [None] * dist.get_world_size()
+    me = {"rank": dist.get_rank(), "dp_rank": groups.dp_rank, "tp_rank": groups.tp_rank, "pp_rank": groups.pp_rank}
+    dist.all_gather_object(index, me)
+    error = None
+    try:
+        (tmp / RANK_STATE).mkdir(exist_ok=True)
+        payload = {**me, "layout": _layout_of(groups), "user": rank_state, "rng": capture_rng_states()}
+        torch.save(payload, tmp / RANK_STATE / f"rank_{dist.get_rank():05d}.pt")
+        if is_main:
+            save_config(cfg, tmp)
+    except Exception as err:  # noqa: BLE001 - every rank must reach the agreement below
+        error = str(_save_error(step, tmp, err, previous))
+    error = _agree(error)
+    if error is None:
+        _fault("shards_written")
+        # 4. rank 0 writes the completion marker and publishes; then tells everyone how it went.
+        if is_main:
+            marker = {
+                "complete": True, "format_version": FORMAT_VERSION, "step": int(step), "saved_at": time.time(),
+                "layout": _layout_of(groups), "ranks": index, "model_signature": signature,
+                "optimizer": {"kind": kind, "format": optimizer_format if kind == "distributed" else "model_space",
+                              "empty": empty},
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            }
+            try:
+                _write_atomic(tmp / MARKER, json.dumps(marker, indent=1))
+                _publish(root, tmp, final)
+            except Exception as err:  # noqa: BLE001 - the other ranks wait for the outcome
+                error = str(_save_error(step, tmp, err, previous))
+        outcome = [error]
+        dist.broadcast_object_list(outcome, src=0)
+        error = outcome[0]
+    if error is not None:
+        if is_main and not final.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise PapoError(error)
+    if is_main:
+        _prune(root, cfg.checkpoint.keep_last, final, tmp)
+    return final
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def _describe_layout(layout: dict) -> str:
+    text = f"tp={layout['tp_size']} pp={layout['pp_size']} dp={layout['dp_size']}"
+    return text + (f" vpp={layout['vpp_size']}" if layout.get("vpp_size") else "")
+
+
+def _check_same_model(path: Path, saved: dict, current: dict) -> None:
+    differ = [f"{key} {saved[key]} in the checkpoint, {current[key]} now"
+              for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
+    if differ:
+        raise PapoError(f"{path} holds a different model ({'; '.join(differ)}); resume with the config it was "
+                        f"saved with ({path / 'config.yaml'}) or start a new run directory")
+
+
+def _check_optimizer(path: Path, meta: dict, kind: str, layout: dict) -> None:
+    saved = meta.get("optimizer") or {}
+    fix = "pass checkpoint.load_optimizer=false to resume with the weights, step and data position and fresh " \
+          "optimizer moments"
+    if saved.get("kind") is None:
+        raise PapoError(f"{path} holds no optimizer state; {fix}")
+    if saved["kind"] != kind:
+        names = {"distributed": "the distributed optimizer", "plain": "the non-distributed optimizer"}
+        raise PapoError(f"{path} was saved with {names[saved['kind']]} but this run uses {names[kind]} "
+                        f"(parallel.use_distributed_optimizer); set it as saved, or {fix}")
+    then = meta["layout"]
+    if kind == "distributed" and saved.get("format") == "dp_reshardable":
+        moved = [k for k in ("tp_size", "pp_size", "vpp_size", "cp_size") if then.get(k) != layout.get(k)]
+        if moved:
+            raise PapoError(f"the distributed-optimizer state in {path} was saved at {_describe_layout(then)} and "
+                            f"reshards only across the data-parallel size, not to {_describe_layout(layout)}; "
+                            f"resume at tp={then['tp_size']} pp={then['pp_size']}, or {fix}")
+
+
+def _pick_rank_file(path: Path, meta: dict, groups, layout: dict) -> tuple[Path | None, str]:
+    """(file, how): this rank's own state ('own'), a same-DP-rank peer's ('same_dp_rank'), or none."""
+    import torch.distributed as dist
+
+    then = meta["layout"]
+    if then == layout:
+        return path / RANK_STATE / f"rank_{dist.get_rank():05d}.pt", "own"
+    if then["dp_size"] == layout["dp_size"]:
+        for entry in meta["ranks"]:
+            if entry["dp_rank"] == groups.dp_rank:
+                return path / RANK_STATE / f"rank_{entry['rank']:05d}.pt", "same_dp_rank"
+    return None, "none"
+
+
+def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler, groups,
+                             load_optimizer: bool = True) -> dict:
+    """Restore a training checkpoint into this run's chunks, optimizer and scheduler (collective).
+
+    Returns {'step', 'rank_state', 'config'}: the step saved, this rank's `rank_state` as passed to
+    the save, and the saved config as a dict. Model weights load at any TP/PP/DP layout. The
+    optimizer state loads where megatron can reshard it (the non-distributed optimizer: any layout;
+    the distributed one: a different DP size only) - otherwise a PapoError says to pass
+    checkpoint.load_optimizer=false. The scheduler's update count is always restored.
+
+    rank_state and RNG: with the saved layout, each rank gets its own state and every generator is
+    restored (exact resume). With the same DP size at another TP/PP, each rank gets the state of
+    a saved rank with its DP rank (data position) and the python/numpy/torch generators, not
+    megatron's per-TP-rank tracker. With another DP size rank_state is None (a warning is logged):
+    the caller restarts its data stream at the start of the saved epoch.
+    """
+    import torch.distributed as dist
+
+    path = Path(path)
+    meta = read_marker(path)
+    if meta is None or _TMP_DIR.match(path.name):
+        raise PapoError(f"{path} is not a complete training checkpoint (no {MARKER} marker, or an unpublished "
+                        f"save); pass a RUN_DIR/{CHECKPOINTS}/step_NNNNNNNN directory")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PapoError(f"{path} has checkpoint format {meta.get('format_version')}, this version reads "
+                        f"{FORMAT_VERSION}; load it with the papo_mega version that wrote it")
+    # Everything that can be decided from the marker is decided before megatron reads a byte.
+    _check_same_model(path, meta.get("model_signature") or {}, model_signature(chunks))
+    layout = _layout_of(groups)
+    kind = _optimizer_kind(optimizer)
+    # An optimizer saved before its first step is a fresh one: nothing to restore.
+    restore_optimizer = load_optimizer and kind is not None and not (meta.get("optimizer") or {}).get("empty")
+    if restore_optimizer:
+        _check_optimizer(path, meta, kind, layout)
+
+    from megatron.core import dist_checkpointing
+
+    model_sd = model_sharded_state_dict(chunks)
+    sharded: dict = {"model": model_sd}
+    if restore_optimizer:
+        _prepare_optimizer_for_load(optimizer)
+        fmt = meta["optimizer"]["format"] if kind == "distributed" else DISTOPT_FORMAT
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=_optimizer_metadata(kind, fmt))
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path))
+    except (Exception, _checkpoint_exception()) as err:  # noqa: BLE001 - megatron's reasons are many
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = " or pass checkpoint.load_optimizer=false" if restore_optimizer else ""
+        raise PapoError(f"could not load {path} ({type(err).__name__}: {first[:300]}); check the checkpoint "
+                        f"matches this model{hint}") from None
+    for i, chunk in enumerate(chunks):
+        _unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
+    if restore_optimizer:
+        # megatron 0.16's dp_reshardable load copies into views of the (fp32) weights; outside
+        # no_grad autograd refuses the in-place copy.
+        with torch.no_grad(), _tolerate_missing_step(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_steps(optimizer)
+    elif optimizer is not None:
+        optimizer.reload_model_params()  # main (fp32) copies follow the loaded weights
+    if scheduler is not None and meta.get("scheduler") is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+
+    rank_file, how = _pick_rank_file(path, meta, groups, layout)
+    rank_state = None
+    if rank_file is not None:
+        payload = torch.load(rank_file, map_location="cpu", weights_only=False)
+        rank_state = payload["user"]
+        restore_rng_states(payload["rng"], tracker=how == "own")
+    if how != "own" and dist.get_rank() == 0:
+        _log.warning("%s was saved at %s, this run is %s: %s", path, _describe_layout(meta["layout"]),
+                     _describe_layout(layout),
+                     "each rank continues from the data position and RNG of a saved rank with its DP rank "
+                     "(megatron's per-TP-rank RNG tracker keeps this run's seeding)" if how == "same_dp_rank" else
+                     "the data-parallel size changed, so the saved data positions and RNG states do not apply "
+                     "(rank_state=None): data streams start afresh")
+    config = {}
+    try:
+        import yaml
+
+        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except (OSError, ValueError) as err:
+        _log.warning("could not read %s: %s", path / "config.yaml", err)
+    return {"step": int(meta["step"]), "rank_state": rank_state, "config": config}

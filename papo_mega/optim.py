@@ -50,6 +50,8 @@ def build_optimizer(chunks, train: TrainConfig, use_distributed_optimizer: bool,
         adam_beta2=0.999,
         adam_eps=1e-8,
         clip_grad=train.grad_clip,
+        # Each param group carries min_lr; the scheduler's cosine reads it from there.
+        min_lr=train.min_lr,
         bf16=precision == "bf16",
         params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
         use_distributed_optimizer=use_distributed_optimizer,
@@ -67,3 +69,61 @@ def attach_grad_finalisation(chunks) -> None:
         config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
         config.grad_sync_func = None
         config.param_sync_func = None
+
+
+def build_scheduler(optimizer, train: TrainConfig, total_updates: int):
+    """megatron-core's `OptimizerParamScheduler` for `train`: linear warmup, then constant or cosine.
+
+    The learning rate of optimizer update u (0-based, u = scheduler.num_steps when the update runs) is
+
+        lr(u) = train.lr * u / W                                         for u <= W (W = warmup_steps > 0)
+        lr(u) = train.lr                                                 after warmup, constant schedule
+        lr(u) = min_lr + (lr - min_lr) * (1 + cos(pi * (u - W) / (T - W))) / 2   cosine, W < u <= T
+        lr(u) = min_lr                                                   cosine, u > T (T = total_updates)
+
+    so the first update of a warmup runs at lr 0 (megatron's convention) and lr reaches min_lr at
+    update T. Call `scheduler.step(1)` right after every `optimizer.step()`. Weight decay is constant
+    (train.weight_decay; biases and norms keep megatron's wd_mult 0). The curve is a function of the
+    current config: on resume `load_state_dict` restores only the update count, so a run resumed
+    with more train.steps stretches its cosine to the new end.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from papo_mega.errors import ConfigError
+
+    if total_updates < 1:
+        raise ConfigError(f"the run has {total_updates} optimizer updates; train.steps must give at least one")
+    warmup = train.warmup_steps
+    decay_steps = total_updates
+    if warmup >= total_updates:
+        if train.lr_schedule == "cosine":
+            raise ConfigError(
+                f"train.warmup_steps={warmup} leaves no updates for the cosine decay ({total_updates} updates in "
+                f"the run); make warmup_steps smaller than {total_updates} or use train.lr_schedule=constant"
+            )
+        decay_steps = warmup + 1  # constant: the decay length is never used, megatron only asserts on it
+    if train.lr_schedule == "cosine" and train.min_lr > train.lr:
+        raise ConfigError(f"train.min_lr={train.min_lr} exceeds train.lr={train.lr}; the cosine decays to min_lr")
+
+    class _Scheduler(OptimizerParamScheduler):
+        def load_state_dict(self, state_dict: dict) -> None:
+            # megatron adds the saved count to the current one; restoring is idempotent here.
+            self.num_steps = 0
+            super().load_state_dict(state_dict)
+
+    return _Scheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=train.lr,
+        min_lr=train.min_lr if train.lr_schedule == "cosine" else train.lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=train.lr_schedule,
+        start_wd=train.weight_decay,
+        end_wd=train.weight_decay,
+        wd_incr_steps=max(total_updates, 1),
+        wd_incr_style="constant",
+        # The current config defines the curve; a checkpoint restores only the update count.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )
