@@ -1,0 +1,188 @@
+"""`papo-mega sft`: a supervised warm start in the PAPO answer format, before RL.
+
+    papo-mega sft examples/tiny_cpu.yaml data.train_shards=data/synth/train sft.steps=200
+
+Each training sample becomes prompt + target, where the target is the answer in the format the
+reward checks (`<think>...</think>` then `\\boxed{ANSWER}`) followed by the end-of-turn token:
+
+    <think>\\nThe answer is ANSWER.\\n</think>\\n\\boxed{ANSWER}<|im_end|>
+
+The loss is the token mean over target tokens only (the prompt is context, not a target). The
+vision tower trains with the language model, so the model learns to read the image: a tiny model
+learns the synthetic tasks well above chance while a blank image stays near chance (docs/sft.md).
+It runs under any launcher and at any TP/PP/DP layout (megatron's schedules do the splitting) and
+writes a model directory that `papo-mega eval` and RL training (`algo.init_from`) load.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from papo_mega.config import Config, save_config
+from papo_mega.data.image import BadImage
+from papo_mega.data.prepare import prepare_prompt
+from papo_mega.data.prompts import PromptTooLong
+from papo_mega.data.shards import BadSample, ShardStream, load_index
+from papo_mega.data.tokenizer import Tokenizer
+from papo_mega.errors import PapoError
+from papo_mega.lm_step import MicroBatch, forward_backward
+from papo_mega.models.rope_index import compute_mrope_position_ids
+
+LOG_NAME = "sft_log.json"
+"""Per-step loss, grad norm and wall time, written next to the model (rank 0)."""
+
+
+def sft_target(answer: str) -> str:
+    """The response SFT teaches: the reward's format with a one-line templated reasoning.
+
+    The reasoning is the same sentence for every task: the warm start teaches the format and the
+    answer; RL later decides what to write between the think tags.
+    """
+    return f"<think>\nThe answer is {answer}.\n</think>\n\\boxed{{{answer}}}"
+
+
+@dataclass
+class Example:
+    """One training sequence: prompt + target ids, where the target starts, and the image."""
+
+    ids: torch.Tensor
+    """[L] prompt ids, then target ids, then eos."""
+    target_start: int
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+
+
+def make_example(item: dict, tokenizer: Tokenizer, cfg: Config) -> Example:
+    """Stream item -> Example (original image only). Unusable samples become skips the stream counts."""
+    try:
+        prepared = prepare_prompt(item, tokenizer, cfg.data, cfg.vision, cfg.train.seed, step=0, views=())
+    except (PromptTooLong, BadImage) as err:
+        raise BadSample(str(err)) from None
+    prompt = prepared.prompt
+    target = tokenizer.encode(sft_target(prepared.answer)) + [tokenizer.eos_id]
+    ids = torch.cat([prompt.input_ids, torch.tensor(target, dtype=torch.long)])
+    if len(ids) > cfg.model.max_seq_len:
+        raise BadSample(f"prompt + answer is {len(ids)} tokens, more than model.max_seq_len={cfg.model.max_seq_len}")
+    return Example(ids, len(prompt.input_ids), prompt.pixel_values, prompt.image_grid_thw)
+
+
+def collate(examples: list[Example], seq_len: int, pad_id: int, cfg: Config) -> MicroBatch:
+    """Right-pad to seq_len (common to every micro-batch of a step: pipeline stages exchange
+    fixed-shape activations). Column t predicts token t+1; the loss counts target columns only."""
+    rows = len(examples)
+    ids = torch.full((rows, seq_len + 1), pad_id, dtype=torch.long)
+    real = torch.zeros(rows, seq_len, dtype=torch.long)
+    loss_mask = torch.zeros(rows, seq_len)
+    for r, ex in enumerate(examples):
+        n = len(ex.ids)
+        ids[r, :n] = ex.ids
+        real[r, :n] = 1
+        loss_mask[r, ex.target_start - 1 : n - 1] = 1.0  # predicting target tokens and eos
+    tokens = ids[:, :-1]
+    grids = torch.cat([ex.image_grid_thw for ex in examples])
+    positions = compute_mrope_position_ids(tokens, grids, cfg.model.image_token_id, cfg.vision.spatial_merge_size,
+                                           real)
+    if not cfg.model.mrope_section:
+        positions = positions[0]
+    return MicroBatch(tokens=tokens.contiguous(), labels=ids[:, 1:].contiguous(), loss_mask=loss_mask,
+                      position_ids=positions, pixel_values=torch.cat([ex.pixel_values for ex in examples]),
+                      image_grid_thw=grids)
+
+
+def check_train_shards(path: str) -> None:
+    """One-line errors, before any process group starts, for a missing or empty shard directory."""
+    if not path:
+        raise PapoError("data.train_shards is empty; point it at a shard directory, e.g. "
+                        "python tools/make_synthetic.py --split train --num 2000 --out data/synth/train")
+    try:
+        load_index(path)
+    except PapoError as err:
+        raise PapoError(f"data.train_shards={path}: {err}") from None
+
+
+def sft_config(cfg: Config) -> Config:
+    """The config the shared training pieces read: train.* takes the sft section's batch and LR."""
+    s = cfg.sft
+    train = replace(cfg.train, steps=s.steps, lr=s.lr, micro_batch_size=s.micro_batch_size,
+                    global_batch_size=s.global_batch_size)
+    return replace(cfg, train=train)
+
+
+def run_sft(cfg: Config) -> Path:
+    """Train cfg.sft.steps steps on cfg.data.train_shards; return the model directory written."""
+    from papo_mega.checkpoint import load_model_dir, save_model_dir
+    from papo_mega.data.tokenizer import load_tokenizer
+    from papo_mega.distributed import detect_launch, init_distributed, shutdown_distributed
+    from papo_mega.models.qwen_vl import build_model_chunks
+    from papo_mega.optim import attach_grad_finalisation, build_optimizer, wrap_ddp
+
+    check_train_shards(cfg.data.train_shards)
+    cfg = sft_config(cfg)
+    launch = detect_launch()
+    cfg.check(launch.world_size)
+    groups = init_distributed(cfg.parallel.layout_sizes(), launch=launch, timeout_s=cfg.parallel.timeout_s,
+                              seed=cfg.train.seed)
+    try:
+        is_main = groups.rank == 0
+        out = Path(cfg.sft.out or Path(cfg.run.run_dir) / "sft")
+        if is_main:
+            save_config(cfg, cfg.run.run_dir)
+            print(f"[papo-mega] sft: {groups.layout.describe()}, {cfg.sft.steps} steps of "
+                  f"{cfg.sft.global_batch_size} samples from {cfg.data.train_shards}", flush=True)
+        if cfg.algo.init_from:
+            chunks, _, model, vision = load_model_dir(cfg.algo.init_from, groups)
+            cfg = replace(cfg, model=model, vision=vision)  # the stored architecture wins
+        else:
+            chunks = build_model_chunks(cfg.model, cfg.vision, groups, cfg.train.seed)
+        if not cfg.vision.enabled:
+            raise PapoError("sft trains on images; set vision.enabled=true (or preset=tiny / a Qwen2.5-VL preset)")
+        use_distopt = cfg.parallel.use_distributed_optimizer
+        chunks = wrap_ddp(chunks, groups, use_distopt)
+        attach_grad_finalisation(chunks)
+        # Constant LR: optim has no scheduler yet (build_scheduler, when added, belongs here).
+        optimizer = build_optimizer(chunks, cfg.train, use_distopt, cfg.model.precision)
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model)
+
+        # Every TP/PP rank of one replica reads the same DP share, so all of them see the same samples.
+        stream = iter(ShardStream(cfg.data.train_shards, dp_rank=groups.dp_rank, dp_size=groups.layout.dp_size,
+                                  seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                                  num_workers=cfg.data.num_workers, max_skip_fraction=cfg.data.max_skip_fraction,
+                                  transform=partial(make_example, tokenizer=tokenizer, cfg=cfg)))
+        mbs = cfg.sft.micro_batch_size
+        per_rank = cfg.sft.global_batch_size // groups.layout.dp_size
+        log, start = [], time.perf_counter()
+        bar = tqdm(range(cfg.sft.steps), desc="sft", disable=not (is_main and sys.stderr.isatty()))
+        for step in bar:
+            examples = [next(stream) for _ in range(per_rank)]
+            seq_len = max(len(ex.ids) for ex in examples) - 1
+            microbatches = [collate(examples[i : i + mbs], seq_len, tokenizer.pad_id, cfg).to(groups.device)
+                            for i in range(0, per_rank, mbs)]
+            for chunk in chunks:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            loss = forward_backward(chunks, microbatches, groups)
+            _, grad_norm, _ = optimizer.step()
+            grad_norm = float(grad_norm or 0.0)
+            log.append({"step": step + 1, "loss": loss, "grad_norm": grad_norm,
+                        "wall_s": round(time.perf_counter() - start, 3)})
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if is_main and (step + 1) % cfg.train.log_every == 0:
+                tqdm.write(f"sft step {step + 1:4d}/{cfg.sft.steps}  loss {loss:.4f}  grad_norm {grad_norm:.3f}",
+                           file=sys.stdout)
+        bar.close()
+        save_model_dir(chunks, out, cfg.model, cfg.vision, groups)
+        if is_main:
+            (out / LOG_NAME).write_text(json.dumps(log, indent=1))
+            print(f"[papo-mega] sft: model directory {out} (loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f})",
+                  flush=True)
+        return out
+    finally:
+        shutdown_distributed()
