@@ -111,8 +111,10 @@ def check_train_shards(path: str) -> None:
 def sft_config(cfg: Config) -> Config:
     """The config the shared training pieces read: train.* takes the sft section's batch and LR."""
     s = cfg.sft
+    # The schedule the sft.lr doc promises: 5% linear warmup, then cosine down to 10% of the peak.
     train = replace(cfg.train, steps=s.steps, lr=s.lr, micro_batch_size=s.micro_batch_size,
-                    global_batch_size=s.global_batch_size)
+                    global_batch_size=s.global_batch_size, lr_schedule="cosine", warmup_steps=s.steps // 20,
+                    min_lr=0.1 * s.lr)
     return replace(cfg, train=train)
 
 
@@ -122,7 +124,7 @@ def run_sft(cfg: Config) -> Path:
     from papo_mega.data.tokenizer import load_tokenizer
     from papo_mega.distributed import detect_launch, init_distributed, shutdown_distributed
     from papo_mega.models.qwen_vl import build_model_chunks
-    from papo_mega.optim import attach_grad_finalisation, build_optimizer, wrap_ddp
+    from papo_mega.optim import attach_grad_finalisation, build_optimizer, build_scheduler, wrap_ddp
 
     check_train_shards(cfg.data.train_shards)
     cfg = sft_config(cfg)
@@ -147,8 +149,8 @@ def run_sft(cfg: Config) -> Path:
         use_distopt = cfg.parallel.use_distributed_optimizer
         chunks = wrap_ddp(chunks, groups, use_distopt)
         attach_grad_finalisation(chunks)
-        # Constant LR: optim has no scheduler yet (build_scheduler, when added, belongs here).
         optimizer = build_optimizer(chunks, cfg.train, use_distopt, cfg.model.precision)
+        scheduler = build_scheduler(optimizer, cfg.train, cfg.sft.steps)
         tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model)
 
         # Every TP/PP rank of one replica reads the same DP share, so all of them see the same samples.
@@ -170,6 +172,7 @@ def run_sft(cfg: Config) -> Path:
             optimizer.zero_grad()
             loss = forward_backward(chunks, microbatches, groups)
             _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
             grad_norm = float(grad_norm or 0.0)
             log.append({"step": step + 1, "loss": loss, "grad_norm": grad_norm,
                         "wall_s": round(time.perf_counter() - start, 3)})
