@@ -6,9 +6,9 @@ Same function as transformers' `Qwen2_5_VisionTransformerPretrainedModel` (its `
   flattened [C, T, P, P] patch (replicated on every tensor-parallel rank);
 * tokens are reordered window by window (HF's `get_window_index`), the 2D rotary angles with them;
 * megatron `TransformerLayer`s (ColumnParallel qkv / fc1, RowParallel proj / fc2, RMSNorm, SwiGLU
-  with biases) whose core attention is `PackedSdpaAttention`: each layer sees a block-diagonal
-  mask, per frame for the blocks in `fullatt_block_indexes`, per window for the others, so one
-  call handles any number of images of any sizes;
+  with biases) whose core attention is `PackedSdpaAttention`: each layer attends within segments
+  (given as segment lengths), per frame for the blocks in `fullatt_block_indexes`, per window
+  for the others, so one call handles any number of images of any sizes;
 * the patch merger (RMSNorm, then 2x2 neighbours concatenated, Linear-GELU-Linear, tensor-parallel
   as ColumnParallel -> RowParallel) and the inverse window permutation.
 
@@ -30,7 +30,7 @@ from papo_mega.distributed.sharding import full_shape, take_local_shard
 from papo_mega.errors import ConfigError, LayoutError
 from papo_mega.models.gpt import PARAM_DTYPES, shared_transformer_settings
 from papo_mega.models.init import init_value
-from papo_mega.models.packed_attention import PackedSdpaAttention, build_segment_mask
+from papo_mega.models.packed_attention import PackedSdpaAttention, segment_lengths
 
 ROTARY_THETA = 10000.0
 """Base of the vision rotary frequencies (fixed in Qwen2.5-VL's vision config)."""
@@ -331,10 +331,10 @@ class QwenVisionTower(MegatronModule):
         hidden = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
         hidden = hidden[packing.token_order].unsqueeze(1)  # [s, b=1, hidden]
         freqs = compute_rotary_freqs(packing.positions, self.head_dim)[:, None, None, :]
-        full_mask = build_segment_mask(packing.frame_ids)
-        window_mask = build_segment_mask(packing.window_ids)
+        # Segment lengths, not s x s masks: each frame / window attends within itself only.
+        frames, windows = segment_lengths(packing.frame_ids), segment_lengths(packing.window_ids)
         for i, layer in enumerate(self.layers):
-            mask = full_mask if i in self.vision_cfg.fullatt_block_indexes else window_mask
+            mask = frames if i in self.vision_cfg.fullatt_block_indexes else windows
             hidden, _ = layer(hidden, attention_mask=mask, rotary_pos_emb=freqs)
         merged = self.merger(hidden.squeeze(1))
         return merged[packing.unit_restore]
