@@ -21,6 +21,10 @@ class ModelInputs:
     """[P, C*T*p*p] flattened patches of every image, images in order of appearance."""
     image_grid_thw: torch.Tensor | None = None
     """[N, 3] patch grid (t, h, w) of each image."""
+    image_index: torch.Tensor | None = None
+    """[slots] which image fills each image slot, slots in (row, position) order; None: image i
+    fills slot i. Rows that share an image (the G rollouts of a prompt) then share its pixels and
+    its vision-tower pass."""
 
     def to(self, device) -> ModelInputs:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -52,6 +56,9 @@ class PolicyMicroBatch:
     """[P, C*T*p*p] the same patches after PAPO masking (same grid, same token ids)."""
     image_grid_thw: torch.Tensor | None = None
     """[N, 3] patch grid of each image (shared by both views)."""
+    image_index: torch.Tensor | None = None
+    """[slots] which of the N images fills each image slot ((row, position) order); None: one
+    image per slot. assemble_policy_rows stores each prompt's images once for its G rows."""
     old_logp: torch.Tensor | None = None
     """[B, S] log-probs under the rollout (pre-update) policy, original view."""
     masked_logp: torch.Tensor | None = None

@@ -48,7 +48,7 @@ def _run_schedule(chunks, microbatches, forward_step, forward_only: bool, rows_p
 def _model_output(model, mb: PolicyMicroBatch, views: tuple[str, ...]):
     inputs = stack_views(mb, views)
     return model(inputs.input_ids, inputs.position_ids, pixel_values=inputs.pixel_values,
-                 image_grid_thw=inputs.image_grid_thw)
+                 image_grid_thw=inputs.image_grid_thw, image_index=inputs.image_index)
 
 
 def compute_logprobs(chunks, groups: ParallelGroups, microbatches: list[PolicyMicroBatch], temperature: float,

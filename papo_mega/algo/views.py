@@ -36,6 +36,8 @@ def stack_views(mb: PolicyMicroBatch, views: tuple[str, ...]) -> ModelInputs:
         position_ids=torch.cat([mb.position_ids] * n, dim=position_dim),
         pixel_values=torch.cat(pixels) if has_images else None,
         image_grid_thw=torch.cat([mb.image_grid_thw] * n) if has_images else None,
+        image_index=(torch.cat([mb.image_index + v * len(mb.image_grid_thw) for v in range(n)])
+                     if has_images and mb.image_index is not None else None),
     )
 
 

@@ -55,12 +55,19 @@ class QwenVLChunk(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.lm.set_input_tensor(input_tensor)
 
-    def _embed(self, input_ids, pixel_values, image_grid_thw) -> torch.Tensor:
-        """Token embeddings [S, B, H] with image placeholders replaced by vision embeddings."""
+    def _embed(self, input_ids, pixel_values, image_grid_thw, image_index=None) -> torch.Tensor:
+        """Token embeddings [S, B, H] with image placeholders replaced by vision embeddings.
+
+        image_index [slots]: which image fills each image slot (rows sharing an image run the
+        tower once for it); None: the images fill the slots in order."""
         embeddings = self.lm.embedding(input_ids=input_ids, position_ids=None)
         if pixel_values is None:
             return embeddings
         image_embeds = self.vision(pixel_values, image_grid_thw).to(embeddings.dtype)
+        if image_index is not None:
+            merge = self.vision.vision_cfg.spatial_merge_size
+            per_image = torch.split(image_embeds, (image_grid_thw.prod(-1) // merge**2).tolist())
+            image_embeds = torch.cat([per_image[i] for i in image_index.tolist()])
         placeholder = input_ids.transpose(0, 1) == self.image_token_id  # [S, B]
         # Images fill placeholders in (batch, position) order, as in Qwen2.5-VL.
         batch_major = embeddings.transpose(0, 1).clone()
@@ -81,8 +88,9 @@ class QwenVLChunk(MegatronModule):
         return logits.masked_fill(columns >= self.vocab_size, torch.finfo(logits.dtype).min)
 
     def forward(self, input_ids, position_ids, attention_mask=None, labels=None,
-                pixel_values=None, image_grid_thw=None, inference_context=None):
-        decoder_input = self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+                pixel_values=None, image_grid_thw=None, inference_context=None, image_index=None):
+        decoder_input = (self._embed(input_ids, pixel_values, image_grid_thw, image_index)
+                         if self.pre_process else None)
         if inference_context is not None:
             # KV-cached generation: megatron keeps the cache in the context and returns the last
             # position's logits gathered over TP, [B, 1, padded vocab] (the caller drops padding).

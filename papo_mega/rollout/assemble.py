@@ -48,10 +48,18 @@ def assemble_policy_rows(
         real[r, : len(seq)] = 1
         # Position t predicts token t+1: responses start at prompt_len, so at column prompt_len-1.
         response_mask[r, len(prompt.input_ids) - 1 : len(seq) - 1] = 1.0
-    images = [(prompts[g], None if masked_pixel_values is None else masked_pixel_values[g]) for g in prompt_of]
-    has_images = any(p.pixel_values is not None for p, _ in images)
-    grids = torch.cat([p.image_grid_thw for p, _ in images if p.image_grid_thw is not None]) if has_images else None
-    positions = compute_mrope_position_ids(ids, grids, model.image_token_id, spatial_merge_size, real)
+    # Each prompt's images are stored once; image_index repeats them for the prompt's G rows.
+    unique = list(dict.fromkeys(g for g in prompt_of if prompts[g].pixel_values is not None))
+    has_images = bool(unique)
+    grids = image_index = None
+    if has_images:
+        counts = [len(prompts[g].image_grid_thw) for g in unique]
+        first = dict(zip(unique, torch.tensor([0, *counts]).cumsum(0).tolist()))
+        grids = torch.cat([prompts[g].image_grid_thw for g in unique])
+        image_index = torch.tensor([first[g] + i for g in prompt_of if g in first
+                                    for i in range(len(prompts[g].image_grid_thw))], dtype=torch.long)
+    positions = compute_mrope_position_ids(ids, None if grids is None else grids[image_index],
+                                           model.image_token_id, spatial_merge_size, real)
     if not model.mrope_section:
         positions = positions[0]
     return PolicyMicroBatch(
@@ -60,10 +68,11 @@ def assemble_policy_rows(
         targets=torch.roll(ids, -1, dims=1),
         response_mask=response_mask,
         advantages=advantages[selected].float(),
-        pixel_values=torch.cat([p.pixel_values for p, _ in images if p.pixel_values is not None]) if has_images else None,
-        masked_pixel_values=(torch.cat([m for _, m in images if m is not None])
+        pixel_values=torch.cat([prompts[g].pixel_values for g in unique]) if has_images else None,
+        masked_pixel_values=(torch.cat([masked_pixel_values[g] for g in unique])
                              if has_images and masked_pixel_values is not None else None),
         image_grid_thw=grids,
+        image_index=image_index,
     )
 
 
