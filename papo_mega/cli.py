@@ -1,7 +1,7 @@
 """The `papo-mega` command line.
 
-    papo-mega smoke examples/tiny_cpu.yaml parallel.tp_size=2   # under torchrun / srun / mpirun
-    papo-mega demo                                               # 4 local CPU processes, TP2xPP2
+    papo-mega demo                                               # shards -> SFT -> PAPO-G -> eval, 2 CPU processes
+    papo-mega smoke examples/tiny_lm.yaml parallel.tp_size=2    # under torchrun / srun / mpirun
     papo-mega train examples/papo_g_7b.yaml [--resume auto]      # RL, under torchrun / srun / mpirun
     papo-mega sft examples/tiny_cpu.yaml                         # supervised warm start
     papo-mega eval --ckpt MODEL_DIR --data SHARDS --k 8          # avg@k and vision reliance
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,20 +32,12 @@ def _cmd_smoke(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    """Start the smoke job on N local processes with torchrun (TP2xPP2 by default)."""
-    from papo_mega.config import load_config
-    from papo_mega.distributed.launcher import find_free_port
+    """The embedded default job (papo_mega/demo.py): shards, SFT, PAPO-G RL with evaluations, summary."""
+    from papo_mega.demo import DemoPlan, run_demo
 
-    overrides = ["parallel.tp_size=2", "parallel.pp_size=2", *args.overrides]
-    cfg = load_config(args.config, overrides)
-    cfg.check(args.nproc)  # fail here, in one line, rather than in N processes
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-        f"--master-port={find_free_port()}", "-m", "papo_mega.cli", "smoke", str(args.config), *overrides,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "ERROR"}
-    print(f"[papo-mega] demo: tiny LM on {args.nproc} CPU processes ({' '.join(overrides)})", flush=True)
-    return subprocess.call(cmd, env=env)
+    print(f"[papo-mega] demo: {args.config} on {args.nproc} local CPU processes", flush=True)
+    run_demo(DemoPlan(str(args.config), list(args.overrides), nproc=args.nproc))
+    return 0
 
 
 def _cmd_eval(args) -> int:
@@ -90,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     smoke = sub.add_parser("smoke", help="train the tiny LM for a few steps at the configured layout")
-    smoke.add_argument("config", help="YAML recipe, e.g. examples/tiny_cpu.yaml")
+    smoke.add_argument("config", help="YAML recipe, e.g. examples/tiny_lm.yaml")
     smoke.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp_size=2")
     smoke.set_defaults(func=_cmd_smoke)
 
-    demo = sub.add_parser("demo", help="the embedded default job on local CPU processes")
+    demo = sub.add_parser("demo", help="the embedded default job: a tiny VLM trained with PAPO on CPU")
     demo.add_argument("--config", default=str(DEFAULT_RECIPE), help="recipe (default: examples/tiny_cpu.yaml)")
-    demo.add_argument("--nproc", type=int, default=4, help="local processes (default 4)")
+    demo.add_argument("--nproc", type=int, default=2, help="local processes (default 2, data parallel)")
     demo.add_argument("overrides", nargs="*", help="dotted overrides")
     demo.set_defaults(func=_cmd_demo)
 

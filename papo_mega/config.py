@@ -1,6 +1,6 @@
 """Typed configuration: one dataclass per component, YAML recipes, dotted command-line overrides.
 
-    cfg = load_config("examples/tiny_cpu.yaml", ["parallel.tp_size=2", "train.steps=5"])
+    cfg = load_config("examples/tiny_lm.yaml", ["parallel.tp_size=2", "train.steps=5"])
 
 Every field has a default and a one-line doc (`field_doc`). Unknown keys, wrong types and
 impossible combinations raise `ConfigError` naming the key and the fix. `save_config` writes the
@@ -281,7 +281,7 @@ class AlgoConfig:
     max_resample: int = _f(20, "DAPO: extra prompt batches drawn per step to replace all-right/all-wrong groups.")
     normalise_std: bool = _f(True, "Divide group-centred rewards by the group's std (GRPO); false: Dr. GRPO.")
     init_from: str = _f("", "Model directory to start from (SFT output or a converted HF model); '' random init.")
-    eval_every: int = _f(0, "Evaluate on data.eval_shards every this many steps (0: only at the end, if eval_shards).")
+    eval_every: int = _f(0, "With data.eval_shards: evaluate before the first step, every this many steps and after the last (0: first and last only).")
     eval_samples: int = _f(64, "Questions per evaluation.")
     eval_k: int = _f(4, "Answers per question in evaluation (avg@k).")
 

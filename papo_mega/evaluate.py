@@ -54,6 +54,9 @@ def evaluate(engine, tokenizer, cfg: Config, groups: ParallelGroups, shards: str
              show_progress: bool = True) -> dict:
     """Accuracy tables on every rank (DP ranks split the questions; sums are all-gathered)."""
     params = replace(cfg.rollout, n=k)
+    if max_samples is not None:  # a total over data-parallel ranks, which split the questions
+        dp, rank = groups.layout.dp_size, groups.dp_rank
+        max_samples = max_samples // dp + (1 if rank < max_samples % dp else 0)
     stream = ShardStream(shards, dp_rank=groups.dp_rank, dp_size=groups.layout.dp_size, seed=cfg.train.seed,
                          shuffle_buffer=0, epochs=1, max_skip_fraction=cfg.data.max_skip_fraction)
     # sums[view][task] = [correct answers, format hits, answers]

@@ -1,6 +1,6 @@
 """`papo-mega sft`: a supervised warm start in the PAPO answer format, before RL.
 
-    papo-mega sft examples/tiny_cpu.yaml data.train_shards=data/synth/train sft.steps=200
+    papo-mega sft examples/tiny_cpu.yaml sft.steps=200   # under torchrun / srun / mpirun
 
 Each training sample becomes prompt + target, where the target is the answer in the format the
 reward checks (`<think>...</think>` then `\\boxed{ANSWER}`) followed by the end-of-turn token:

@@ -47,6 +47,17 @@ class RolloutGroups:
     summary: dict = field(default_factory=dict)
 
 
+EVAL_BATCH_PROMPTS = 32
+"""Questions generated together during in-training evaluation (k answers each)."""
+
+
+def eval_due(cfg: Config, done: int) -> bool:
+    """Whether to evaluate after `done` steps: before the first, every algo.eval_every, after the last."""
+    if not cfg.data.eval_shards:
+        return False
+    return done in (0, cfg.train.steps) or bool(cfg.algo.eval_every and done % cfg.algo.eval_every == 0)
+
+
 def _timer():
     start = time.perf_counter()
     return lambda: time.perf_counter() - start
@@ -210,6 +221,21 @@ class PapoTrainer:
         self.counters["nonfinite_streak"] = 0 if ok else self.counters["nonfinite_streak"] + 1
         return updates
 
+    # -- held-out evaluation (algo.eval_*) ------------------------------------------------------
+    def evaluate(self) -> dict:
+        """avg@k accuracy on data.eval_shards with the original, masked and blank image (evaluate.py)."""
+        from papo_mega.evaluate import evaluate
+
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            return evaluate(self.engine, self.tokenizer, self.cfg, self.groups, self.cfg.data.eval_shards,
+                            self.cfg.algo.eval_k, self.cfg.algo.eval_samples, batch_prompts=EVAL_BATCH_PROMPTS,
+                            show_progress=False)
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+
     # -- one whole step -----------------------------------------------------------------------
     def step(self, step: int) -> dict:
         cfg, times = self.cfg, {}
@@ -278,7 +304,8 @@ def run_train(cfg: Config) -> dict:
         save_training_checkpoint,
     )
     from papo_mega.distributed import detect_launch, init_distributed, shutdown_distributed
-    from papo_mega.metrics import CollapseDetector, MetricsLogger, ProgressBar, plot_run
+    from papo_mega.evaluate import write_results
+    from papo_mega.metrics import CollapseDetector, MetricsLogger, ProgressBar, eval_tag, plot_run
     from papo_mega.sanity import check_replicas
 
     launch = detect_launch()
@@ -307,7 +334,11 @@ def run_train(cfg: Config) -> dict:
             print(f"[papo-mega] train {cfg.algo.name}: {groups.layout.describe()}, backend {groups.backend}",
                   flush=True)
         # Steps are logged 1-based (after step k, k steps are done): the first line this process writes.
-        logger = MetricsLogger(cfg.run.run_dir, cfg.run.tensorboard, is_main, start_step=start + 1)
+        if cfg.data.eval_shards and not Path(cfg.data.eval_shards).is_dir():
+            raise PapoError(f"data.eval_shards={cfg.data.eval_shards} is not a shard directory; make one with "
+                            f"tools/make_synthetic.py --split test, or set data.eval_shards='' for no evaluation")
+        # A fresh run logs its step-0 evaluation; a resumed one continues after its last step.
+        logger = MetricsLogger(cfg.run.run_dir, cfg.run.tensorboard, is_main, start_step=start + 1 if start else 0)
         collapse = CollapseDetector(cfg.run.collapse_window)
         bar = ProgressBar(cfg.train.steps, start, enabled=is_main)
         metrics: dict = {}
@@ -317,9 +348,23 @@ def run_train(cfg: Config) -> dict:
             save_training_checkpoint(cfg.run.run_dir, step, trainer.chunks, trainer.optimizer, trainer.scheduler,
                                      rank_state, cfg, groups)
 
+        def evaluate(done: int) -> dict:
+            clock = _timer()
+            result = trainer.evaluate()
+            if is_main:
+                write_results(result, Path(cfg.run.run_dir) / "eval" / f"step_{done:06d}")
+                acc = result["accuracy"]
+                bar.write(f"[papo-mega] eval after {done} steps (avg@{result['k']}, {result['questions']} questions): "
+                          + "  ".join(f"{v} {acc[v].get('overall', 0.0):.3f}" for v in acc) + f"  ({clock():.0f} s)")
+            return {eval_tag(view): acc.get("overall", 0.0) for view, acc in result["accuracy"].items()}
+
+        if start == 0 and eval_due(cfg, 0):
+            logger.log(0, evaluate(0))
         for step in range(start, cfg.train.steps):
             metrics = trainer.step(step)
             done = step + 1
+            if eval_due(cfg, done):
+                metrics.update(evaluate(done))
             if cfg.train.sanity_every and done % cfg.train.sanity_every == 0:
                 check_replicas(trainer.chunks, groups)
             clock = _timer()

@@ -13,7 +13,7 @@ import pytest
 from papo_mega.distributed.launcher import find_free_port
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPE = str(REPO / "examples" / "tiny_cpu.yaml")
+RECIPE = str(REPO / "examples" / "tiny_lm.yaml")
 SMOKE = ["-m", "papo_mega.cli", "smoke", RECIPE, "parallel.tp_size=2", "train.steps=2", "train.log_every=1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")

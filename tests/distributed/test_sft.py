@@ -29,19 +29,19 @@ def _overrides(shards, out, steps: int, layout: tuple[str, ...] = ()) -> list[st
             "data.shuffle_buffer=16", *layout]
 
 
-def test_sft_lowers_the_loss_and_writes_a_loadable_model(shards, tmp_path):
-    steps = 30
+def test_sft_lowers_the_loss_and_learns_the_answer_format(shards, tmp_path):
+    # 80 steps of 8 samples at lr 0.01 learn the template (about 15 s); 30 steps are not enough.
+    steps = 80
     result = run_distributed(sft_job, 1, args=(_overrides(shards, tmp_path / "sft", steps, ("sft.lr=0.01",)),),
                              timeout_s=240)[0]
     losses = [row["loss"] for row in result["log"]]
     assert len(losses) == steps
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:3]) / 3, losses
+    # The written model directory loads (greedy_scores builds or loads, then generates greedily).
     before = run_distributed(greedy_scores, 1, args=(None, str(shards / "test"), 12, SEED))[0]
     after = run_distributed(greedy_scores, 1, args=(result["out"], str(shards / "test"), 12, SEED))[0]
-    # The written model directory loads and answers (greedy_scores builds, loads and generates).
-    # Learning the format itself within a test-sized run is not reached yet on the tiny preset
-    # (issue 8: SFT tuning for the demo), so it is not asserted here.
-    assert set(after) == set(before) == {"format", "accuracy"}
+    assert after["format"] > before["format"], (before, after)
+    assert after["format"] >= 0.75, after
 
 
 LAYOUT_STEPS = 3

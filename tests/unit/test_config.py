@@ -6,7 +6,7 @@ import yaml
 from papo_mega.config import Config, field_doc, load_config, save_config
 from papo_mega.errors import ConfigError, LayoutError
 
-RECIPE = "examples/tiny_cpu.yaml"
+RECIPE = "examples/tiny_lm.yaml"
 
 
 def test_recipe_loads_and_overrides_apply_with_types():

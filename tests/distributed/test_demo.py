@@ -1,0 +1,65 @@
+"""`papo-mega demo` end to end at toy sizes: shards -> SFT -> PAPO-G with evaluations -> summary,
+then a rerun that finds every stage done and only re-summarises (the demo is resumable).
+
+The full-size demo (examples/tiny_cpu.yaml) is measured in docs/sft.md, not here: its figures
+need minutes of training."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from papo_mega.demo import SUMMARY_FILE, DemoPlan, eval_history, format_summary, run_demo
+from papo_mega.errors import PapoError
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = str(REPO / "examples" / "tiny_cpu.yaml")
+
+
+def _plan(tmp_path, *extra) -> DemoPlan:
+    overrides = [f"run.run_dir={tmp_path / 'run'}", f"data.train_shards={tmp_path / 'data/train'}",
+                 f"data.eval_shards={tmp_path / 'data/test'}", "sft.steps=3", "sft.global_batch_size=8",
+                 "sft.micro_batch_size=4", "train.steps=2", "algo.prompts_per_step=4", "rollout.n=2",
+                 "rollout.max_new_tokens=8", "train.global_batch_size=8", "train.micro_batch_size=4",
+                 "algo.eval_samples=4", "algo.eval_k=1", "checkpoint.save_every=1", *extra]
+    return DemoPlan(RECIPE, overrides, nproc=2, train_samples=40, test_samples=8)
+
+
+def test_demo_runs_every_stage_then_resumes_without_redoing_them(tmp_path, capfd):
+    summary = run_demo(_plan(tmp_path))
+    run = tmp_path / "run"
+    assert json.loads((run / SUMMARY_FILE).read_text()) == summary
+    # Evaluations before the first and after the last RL step, each with all three views.
+    history = eval_history(run)
+    assert [row["step"] for row in history] == [0, 2]
+    assert summary["before_rl"] == history[0] and summary["after_rl"] == history[-1]
+    assert all(0.0 <= row[v] <= 1.0 for row in history for v in ("original", "masked", "blank"))
+    out, err = capfd.readouterr()
+    assert "eval after 0 steps (avg@1, 4 questions)" in out + err  # a total over both ranks
+    assert "before RL" in out
+    assert set(summary["stage_s"]) == {"shards", "sft", "rl"}
+    assert summary["stage_s"]["sft"] > 0 and summary["stage_s"]["rl"] > 0
+    assert 0 < summary["peak_memory_gb"] < 24
+    assert (run / "sft" / "sft_log.json").is_file() and (run / "final" / "papo_model.json").is_file()
+    assert list((run / "tb").iterdir()) and list((run / "plots").glob("*.png"))
+
+    again = run_demo(_plan(tmp_path))
+    assert again["stage_s"] == {"shards": 0.0, "sft": 0.0, "rl": 0.0}
+    assert again["before_rl"] == summary["before_rl"] and again["after_rl"] == summary["after_rl"]
+    assert "already done, skipped" in capfd.readouterr().out
+
+
+def test_demo_without_eval_shards_is_a_one_line_error(tmp_path):
+    with pytest.raises(PapoError, match="data.eval_shards"):
+        run_demo(_plan(tmp_path, "data.eval_shards="))
+
+
+def test_summary_text_names_views_and_locations():
+    row = {"step": 0, "original": 0.5, "masked": 0.3, "blank": 0.1}
+    text = format_summary({"tasks": ["compare_size"], "questions": 10, "k": 4, "rl_steps": 8,
+                           "before_rl": row, "after_rl": {**row, "step": 8, "original": 0.7},
+                           "vision_reliance": {"before_rl": 0.4, "after_rl": 0.6}, "wall_s": 300.0,
+                           "stage_s": {"shards": 4.0, "sft": 60.0, "rl": 230.0}, "peak_memory_gb": 1.5, "nproc": 2,
+                           "tensorboard": "runs/x/tb", "plots": "runs/x/plots"})
+    assert "0.500" in text and "0.700" in text and "+40.0 -> +60.0 points" in text
+    assert "tensorboard --logdir runs/x/tb" in text and "5.0 min" in text
