@@ -1,0 +1,491 @@
+"""`papo-mega plan`: memory per GPU and an estimated step time for every valid TP/PP/DP layout.
+
+    papo-mega plan --model qwen2.5-vl-72b --gpus 32 [--gpu h100-80gb] [--config RECIPE.yaml] [overrides]
+
+The memory model follows what papo_mega builds (docs/scaling.md, "The planner"):
+
+* model state per rank: weights (param dtype), grads (megatron DDP keeps fp32 `main_grad` buffers,
+  `grad_reduce_in_fp32=True` in optim.py), Adam moments (2 x fp32) and, for bf16/fp8 params, an
+  fp32 master copy - both sharded across DP by the distributed optimizer. fp32 params need no
+  master copy (megatron's optimizer steps the fp32 params themselves);
+* the frozen reference model (loss.kl_coef > 0): weights only;
+* rollout: the StaticInferenceContext KV cache of all this rank's prompts x rollout.n rows at
+  prompt + max_new_tokens positions (engine.py rolls out a DP rank's prompts in one batch), plus
+  the no-grad prefill's largest layer transient;
+* training: activations of the micro-batches in flight (1F1B: stage k holds pp - k of them) at
+  rows x (prompt + response) tokens, no recomputation unless --recompute says so (an estimate
+  only: papo_mega has no recompute setting yet), plus the logits / log-softmax on the last stage;
+  the no-grad log-prob forward runs [original; masked] rows together when PAPO needs the masked
+  view; the vision tower (first stage) sees every row's image at data.max_pixels (worst case).
+
+The step time is an estimate: matmul FLOPs at MODEL_FLOPS_UTILISATION of the GPU's dense peak,
+memory-bound decode (weights + KV read per token / HBM bandwidth), the 1F1B bubble and a rough
+tensor-parallel all-reduce cost. Pure functions; the CLI only formats `plan()`'s result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from papo_mega.config import Config, ModelConfig, VisionConfig
+from papo_mega.errors import ConfigError, PapoError
+
+GB = 1e9
+GIB = 2**30
+MODEL_FLOPS_UTILISATION = 0.40
+"""Assumed share of the dense peak that training / prefill matmuls reach (a planning figure, not measured)."""
+GPUS_PER_NODE = 8
+"""Tensor parallelism stays inside a node (NVLink); larger TP degrees are not enumerated."""
+GPU_USABLE_FRACTION = 0.92
+"""Share of GPU memory a layout may plan for: CUDA context, NCCL buffers and allocator fragmentation take the rest."""
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What the planner needs to know about one accelerator."""
+
+    name: str
+    memory_gb: float
+    bf16_tflops: float
+    fp8_tflops: float | None
+    hbm_tb_s: float
+    link_gb_s: float
+    """Per-GPU tensor-parallel all-reduce bandwidth (NVLink) in GB/s."""
+    attention_stores_scores: bool = False
+    """CPU: torch's SDPA runs the math kernel (keeps the [heads, S, S] probabilities); GPUs use flash kernels."""
+    retains_init_weights: bool = False
+    """CPU: glibc keeps the heap pages of the initial parameters after megatron DDP moves them into its
+    contiguous buffer (measured: RSS grows by 2 x weights at wrap_ddp, grads + params); CUDA's caching
+    allocator reuses those blocks for activations instead."""
+    process_overhead_gb: float = 0.0
+    """Memory a training process adds that no term models: on CPU, measured as the mean gap over the
+    calibration runs (tests/distributed/test_plan_calibration.py: 0.11-0.19 GB at four layouts, nearly
+    independent of the model's share per rank - gloo and megatron buffers, allocator arenas, the
+    optimizer's transient lists). On GPUs the CUDA context and NCCL buffers are covered by
+    GPU_USABLE_FRACTION instead."""
+
+
+DEVICES: dict[str, DeviceProfile] = {
+    "h100-80gb": DeviceProfile("h100-80gb", 80, 989, 1979, 3.35, 450),
+    "h200": DeviceProfile("h200", 141, 989, 1979, 4.8, 450),
+    "a100-80gb": DeviceProfile("a100-80gb", 80, 312, None, 2.0, 300),
+    # Host memory is not a limit the planner checks; the profile exists for calibration on CPU.
+    "cpu": DeviceProfile("cpu", 1e6, 1.0, None, 0.05, 5, attention_stores_scores=True,
+                         retains_init_weights=True, process_overhead_gb=0.17),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+
+    def __str__(self) -> str:
+        return f"tp{self.tp} pp{self.pp} dp{self.dp}"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The shapes one training step works on, per data-parallel rank (see `workload_from_config`)."""
+
+    seq_len: int
+    """Tokens per training row (prompt + response, padded)."""
+    micro_batch_rows: int
+    """Rows per training micro-batch with gradient (x2 when the masked view gets gradient)."""
+    nograd_rows: int
+    """Rows per micro-batch of the no-grad log-prob forward ([original; masked] when PAPO needs both)."""
+    rows_per_update: int
+    """Responses per optimizer update, all DP ranks together (train.global_batch_size)."""
+    updates: int
+    """Optimizer updates per step (ppo_epochs x responses per step / global_batch_size)."""
+    rollout_prompts: int = 0
+    """Prompts rolled out per step, all DP ranks together (0: no rollout, the LM step)."""
+    rollout_n: int = 1
+    prompt_len: int = 0
+    max_new_tokens: int = 0
+    image_patches: int = 0
+    """Vision patches per row (data.max_pixels / patch^2; 0 without images)."""
+    reference: bool = False
+    nograd_views: int = 0
+    """Rows multiplier of the no-grad old-policy forward (1 original, 2 with the masked view; 0 none)."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes on the busiest pipeline stage of one layout (`stage`), by term."""
+
+    stage: int
+    params: int
+    weights: float
+    grads: float
+    optimizer: float
+    reference: float
+    kv_cache: float
+    rollout_transient: float
+    activations: float
+    logits: float
+    overhead: float = 0.0
+    """The device profile's per-process term (process_overhead_gb)."""
+
+    @property
+    def state(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.reference + self.overhead
+
+    @property
+    def rollout_peak(self) -> float:
+        return self.state + self.kv_cache + self.rollout_transient
+
+    @property
+    def train_peak(self) -> float:
+        return self.state + self.activations + self.logits
+
+    @property
+    def total(self) -> float:
+        return max(self.rollout_peak, self.train_peak)
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    layout: Layout
+    memory: MemoryEstimate
+    fits: bool
+    step_s: float
+    rollout_s: float
+    train_s: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    gpus: int
+    device: DeviceProfile
+    precision: str
+    recompute: str
+    layouts: list[LayoutPlan]
+    rejected: dict[str, str]
+    """Layouts the model cannot be split into, with the reason."""
+
+    @property
+    def fitting(self) -> list[LayoutPlan]:
+        return sorted((p for p in self.layouts if p.fits), key=lambda p: (p.step_s, p.memory.total))
+
+
+# -- parameter counts ------------------------------------------------------------------------------
+def layer_params(m: ModelConfig, tp: int) -> int:
+    """One decoder layer on one TP rank: qkv (+bias), proj, SwiGLU fc1/fc2 split; the two norms replicated."""
+    head_dim = m.hidden_size // m.num_attention_heads
+    qkv_out = m.hidden_size + 2 * m.num_query_groups * head_dim
+    matrices = m.hidden_size * qkv_out + qkv_out + m.hidden_size * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size
+    return matrices // tp + 2 * m.hidden_size
+
+
+def vision_params(v: VisionConfig, out_hidden: int, tp: int) -> int:
+    """The vision tower on one TP rank (vision.py): patch Linear and norms replicated, blocks and merger split."""
+    h, inner = v.hidden_size, v.intermediate_size
+    patch = v.in_channels * v.temporal_patch_size * v.patch_size**2 * h
+    split = (3 * h * h + 3 * h) + h * h + (2 * h * inner + 2 * inner) + inner * h  # qkv, proj, fc1, fc2 weights
+    replicated = 2 * h + h + h  # two norms, the row-parallel proj and fc2 biases
+    merged = h * v.spatial_merge_size**2
+    merger = (merged * merged + merged + merged * out_hidden) // tp + h + out_hidden
+    return patch + v.depth * (split // tp + replicated) + merger
+
+
+def stage_params(m: ModelConfig, v: VisionConfig | None, tp: int, pp: int, stage: int) -> int:
+    """Trainable parameters on one rank of pipeline stage `stage`."""
+    vocab = m.padded_vocab_size * m.hidden_size // tp
+    count = m.num_layers // pp * layer_params(m, tp)
+    if stage == 0:
+        count += vocab
+        if v is not None and v.enabled:
+            count += vision_params(v, m.hidden_size, tp)
+    if stage == pp - 1:
+        count += m.hidden_size  # final norm
+        if not m.tie_embeddings or pp > 1:  # a tied model with pp > 1 keeps a copy of the embedding
+            count += vocab
+    return count
+
+
+def total_params(m: ModelConfig, v: VisionConfig | None) -> int:
+    return stage_params(m, v, 1, 1, 0)
+
+
+# -- workload -------------------------------------------------------------------------------------
+def workload_from_config(cfg: Config) -> Workload:
+    """The PAPO step's shapes (train.py): rollout of prompts_per_step x n, then updates of global_batch_size."""
+    views = 2 if cfg.loss.needs_masked_view else 1
+    patches = 0
+    if cfg.vision.enabled:
+        patches = cfg.data.max_pixels // cfg.vision.patch_size**2
+    responses = cfg.algo.prompts_per_step * cfg.rollout.n
+    return Workload(
+        seq_len=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
+        micro_batch_rows=cfg.train.micro_batch_size * (2 if cfg.loss.masked_grad else 1),
+        nograd_rows=cfg.train.micro_batch_size * views,
+        rows_per_update=cfg.train.global_batch_size,
+        updates=max(1, cfg.train.ppo_epochs * responses // cfg.train.global_batch_size),
+        rollout_prompts=cfg.algo.prompts_per_step, rollout_n=cfg.rollout.n, prompt_len=cfg.data.max_prompt_len,
+        max_new_tokens=cfg.rollout.max_new_tokens, image_patches=patches, reference=cfg.loss.kl_coef > 0,
+        nograd_views=views,
+    )
+
+
+def lm_workload(seq_len: int, micro_batch_size: int, global_batch_size: int) -> Workload:
+    """The LM step (lm_step.py): training only, no rollout, no reference, no images."""
+    return Workload(seq_len=seq_len, micro_batch_rows=micro_batch_size, nograd_rows=0,
+                    rows_per_update=global_batch_size, updates=1)
+
+
+# -- memory ---------------------------------------------------------------------------------------
+def param_bytes(precision: str) -> int:
+    # fp8 keeps bf16 parameters (gpt.py PARAM_DTYPES); Transformer Engine casts GEMM inputs itself.
+    return 4 if precision == "fp32" else 2
+
+
+def token_layer_activation(m: ModelConfig, tp: int, recompute: str) -> float:
+    """Elements one decoder layer keeps per token for backward (no sequence parallelism, no dropout).
+
+    Replicated across TP: the two norm inputs and the two norm outputs feeding qkv / fc1 (4h).
+    Split: q, k, v and their rotary copies, the attention output (= proj input), fc1's output
+    SiLU's output and the SwiGLU product (= fc2 input):
+    gpt.py turns bias_activation_fusion off, so SiLU keeps its own output. `selective` drops nothing here (flash attention already
+    keeps no scores); `full` keeps only the layer input.
+    """
+    h, f = m.hidden_size, m.ffn_hidden_size
+    kv = m.num_query_groups * (h // m.num_attention_heads)
+    if recompute == "full":
+        return h
+    return 4 * h + (2 * (h + 2 * kv) + h + 4 * f) / tp
+
+
+def vision_token_activation(v: VisionConfig, tp: int, recompute: str) -> float:
+    h, inner = v.hidden_size, v.intermediate_size
+    if recompute == "full":
+        return h
+    return 4 * h + (2 * 3 * h + h + 3 * inner) / tp
+
+
+def estimate_memory(m: ModelConfig, v: VisionConfig | None, layout: Layout, work: Workload, device: DeviceProfile,
+                    *, distributed_optimizer: bool = True, recompute: str = "none") -> MemoryEstimate:
+    """Peak bytes per rank on the busiest pipeline stage (the max over stages of `_stage_memory`)."""
+    stages = [_stage_memory(m, v, layout, work, device, s, distributed_optimizer, recompute)
+              for s in range(layout.pp)]
+    return max(stages, key=lambda e: e.total)
+
+
+def _stage_memory(m, v, layout: Layout, work: Workload, device: DeviceProfile, stage: int,
+                  distributed_optimizer: bool, recompute: str) -> MemoryEstimate:
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    wb = param_bytes(m.precision)
+    params = stage_params(m, v, tp, pp, stage)
+    layers = m.num_layers // pp
+    weights = params * wb
+    grads = params * 4  # grad_reduce_in_fp32: fp32 main_grad buffers whatever the param dtype
+    opt_per_param = 8 + (4 if wb != 4 else 0)  # two Adam moments (+ fp32 master for bf16/fp8 params)
+    optimizer = params * opt_per_param / (dp if distributed_optimizer else 1)
+    if device.retains_init_weights:
+        weights *= 2
+    reference = params * wb if work.reference else 0.0
+    head_dim = m.hidden_size // m.num_attention_heads
+    kv_token_bytes = 2 * layers * (m.num_query_groups // tp) * head_dim * wb
+    vocab_shard = m.padded_vocab_size // tp
+    last, first = stage == pp - 1, stage == 0
+    has_vision = first and v is not None and v.enabled and work.image_patches > 0
+
+    # Rollout: the cache of every row at full length, plus the prefill's largest per-layer transient.
+    kv_cache = rollout_transient = 0.0
+    if work.rollout_prompts:
+        prompts = work.rollout_prompts // dp
+        kv_cache = prompts * work.rollout_n * (work.prompt_len + work.max_new_tokens) * kv_token_bytes
+        tokens = prompts * work.prompt_len
+        rollout_transient = tokens * (m.hidden_size * 3 + 3 * m.ffn_hidden_size / tp) * wb
+        if has_vision:
+            rollout_transient += prompts * work.image_patches * (3 * v.hidden_size + 3 * v.intermediate_size / tp) * wb
+
+    # Training: activations of the micro-batches in flight on this stage (1F1B), no-grad forwards are transient.
+    microbatches = max(1, work.rows_per_update // dp // work.micro_batch_rows)
+    in_flight = min(pp - stage, microbatches)
+    tokens = work.micro_batch_rows * work.seq_len
+    per_mb = tokens * layers * token_layer_activation(m, tp, recompute) * wb
+    if device.attention_stores_scores and recompute != "full":
+        # Math SDPA keeps the attention probabilities and their pre-softmax scores, [rows, heads/tp, S, S].
+        per_mb += 2 * layers * work.micro_batch_rows * (m.num_attention_heads // tp) * work.seq_len**2 * wb
+    if first:
+        per_mb += tokens * m.hidden_size * wb  # embedding output
+    if has_vision:
+        per_mb += (work.micro_batch_rows * work.image_patches * v.depth
+                   * vision_token_activation(v, tp, recompute) * wb)
+    activations = in_flight * per_mb
+    logits = 0.0
+    if last:
+        # logits (param dtype) + fp32 copy for the log-softmax + its fp32 gradient, for one micro-batch.
+        logits = max(tokens, work.nograd_rows * work.seq_len) * vocab_shard * (wb + 8)
+    return MemoryEstimate(stage, params, weights, grads, optimizer, reference, kv_cache, rollout_transient,
+                          activations, logits, device.process_overhead_gb * GB)
+
+
+# -- time -----------------------------------------------------------------------------------------
+def estimate_step_time(m: ModelConfig, v: VisionConfig | None, layout: Layout, work: Workload,
+                       device: DeviceProfile, recompute: str = "none") -> tuple[float, float]:
+    """(rollout seconds, training seconds) of one step: an estimate, see the module doc."""
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    peak = (device.fp8_tflops if m.precision == "fp8" else device.bf16_tflops) * 1e12 * MODEL_FLOPS_UTILISATION
+    n_lm = total_params(m, None)
+    n_vision = vision_params(v, m.hidden_size, 1) if v is not None and v.enabled else 0
+    model_gpus = tp * pp
+    wb = param_bytes(m.precision)
+    rollout = 0.0
+    if work.rollout_prompts:
+        prompts = work.rollout_prompts / dp
+        prefill = 2 * (n_lm * prompts * work.prompt_len + n_vision * prompts * work.image_patches)
+        rows = prompts * work.rollout_n
+        head_dim = m.hidden_size // m.num_attention_heads
+        kv_token = 2 * m.num_layers * m.num_query_groups * head_dim * wb
+        mean_kv = rows * (work.prompt_len + work.max_new_tokens / 2) * kv_token
+        # Each decode step reads every weight and the whole cache once; PP stages run one after another.
+        decode = work.max_new_tokens * (n_lm * wb + mean_kv) / tp / (device.hbm_tb_s * 1e12)
+        rollout = prefill / model_gpus / peak + decode
+    rows = work.rows_per_update * work.updates / dp
+    tokens = rows * work.seq_len
+    grad_factor = 8 if recompute == "full" else 6
+    train_rows = work.micro_batch_rows / max(1, work.nograd_rows or work.micro_batch_rows)
+    flops = grad_factor * (n_lm * tokens * max(train_rows, 1) + n_vision * rows * work.image_patches)
+    # No-grad forwards: old policy (x views) and the reference.
+    flops += 2 * (n_lm * tokens + n_vision * rows * work.image_patches) * (work.nograd_views + work.reference)
+    train = flops / model_gpus / peak
+    microbatches = max(1, work.rows_per_update // dp // work.micro_batch_rows)
+    train *= 1 + (pp - 1) / microbatches
+    if tp > 1:
+        # 4 all-reduces of [tokens, hidden] per layer per forward+backward (2 for no-grad forwards).
+        volume = tokens * m.hidden_size * wb * m.num_layers / pp * (4 + 2 * (work.nograd_views + work.reference))
+        train += volume * 2 * (tp - 1) / tp / (device.link_gb_s * 1e9)
+    return rollout, train
+
+
+# -- layouts and the plan -------------------------------------------------------------------------
+def candidate_layouts(m: ModelConfig, v: VisionConfig | None, gpus: int, work: Workload | None = None
+                      ) -> tuple[list[Layout], dict[str, str]]:
+    """Every tp*pp*dp = gpus split papo_mega can build (layout.py and vision.py rules), and why others fail."""
+    from papo_mega.distributed.layout import ParallelLayout
+    from papo_mega.errors import LayoutError
+    from papo_mega.models.vision import check_vision_layout
+
+    valid, rejected = [], {}
+    for tp in (d for d in range(1, gpus + 1) if gpus % d == 0):
+        for pp in (d for d in range(1, gpus // tp + 1) if (gpus // tp) % d == 0):
+            layout = Layout(tp, pp, gpus // tp // pp)
+            try:
+                if tp > GPUS_PER_NODE:
+                    raise LayoutError(f"tp_size={tp} spans nodes; keep tensor parallelism within {GPUS_PER_NODE} GPUs")
+                par = ParallelLayout(tp_size=tp, pp_size=pp, world_size=gpus)
+                par.check_model(num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                                num_query_groups=m.num_query_groups, vocab_size=m.padded_vocab_size)
+                if v is not None and v.enabled:
+                    check_vision_layout(v, par)
+                if work is not None:
+                    _check_batch(work, layout)
+            except PapoError as err:
+                rejected[str(layout)] = str(err)
+                continue
+            valid.append(layout)
+    return valid, rejected
+
+
+def _check_batch(work: Workload, layout: Layout) -> None:
+    from papo_mega.errors import LayoutError
+
+    if work.rows_per_update % (layout.dp * work.micro_batch_rows) and not work.nograd_views:
+        raise LayoutError(f"global batch {work.rows_per_update} does not split into dp={layout.dp} x micro-batches")
+    if work.rollout_prompts and work.rollout_prompts % layout.dp:
+        raise LayoutError(f"algo.prompts_per_step={work.rollout_prompts} is not divisible by dp={layout.dp}")
+    if work.rows_per_update % layout.dp:
+        raise LayoutError(f"train.global_batch_size={work.rows_per_update} is not divisible by dp={layout.dp}")
+
+
+def device_profile(name: str, precision: str) -> DeviceProfile:
+    if name not in DEVICES:
+        raise ConfigError(f"unknown GPU type '{name}'; choose one of: {', '.join(DEVICES)}")
+    device = DEVICES[name]
+    if precision == "fp8" and device.fp8_tflops is None:
+        raise ConfigError(f"{name} has no fp8 tensor cores; use model.precision=bf16 or --gpu h100-80gb / h200")
+    return device
+
+
+def plan_config(cfg: Config, gpus: int, device_name: str = "h100-80gb", recompute: str = "none") -> Plan:
+    """Estimate every valid layout of `cfg`'s model on `gpus` GPUs of type `device_name`."""
+    if recompute not in RECOMPUTE:
+        raise ConfigError(f"--recompute {recompute!r} is not one of {' | '.join(RECOMPUTE)}")
+    if gpus < 1:
+        raise ConfigError(f"--gpus {gpus} must be >= 1")
+    device = device_profile(device_name, cfg.model.precision)
+    m, v = cfg.model, cfg.vision if cfg.vision.enabled else None
+    work = workload_from_config(cfg)
+    layouts, rejected = candidate_layouts(m, v, gpus, work)
+    budget = device.memory_gb * GB * GPU_USABLE_FRACTION
+    plans = []
+    for layout in layouts:
+        memory = estimate_memory(m, v, layout, work, device, distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+                                 recompute=recompute)
+        rollout_s, train_s = estimate_step_time(m, v, layout, work, device, recompute)
+        plans.append(LayoutPlan(layout, memory, memory.total <= budget, rollout_s + train_s, rollout_s, train_s))
+    return Plan(cfg.preset or "custom", gpus, device, m.precision, recompute, plans, rejected)
+
+
+def plan(model: str, gpus: int, device_name: str = "h100-80gb", config_path: str | None = None,
+         overrides: list[str] | None = None, recompute: str = "none") -> Plan:
+    """`papo-mega plan`: the recipe (or the defaults) with `model`'s preset."""
+    from papo_mega.config import load_config
+    from papo_mega.models.presets import PRESETS
+
+    if model not in PRESETS:
+        raise ConfigError(f"unknown model preset '{model}' for the planner; choose one of: {', '.join(PRESETS)}")
+    if device_name not in DEVICES:
+        raise ConfigError(f"unknown GPU type '{device_name}'; choose one of: {', '.join(DEVICES)}")
+    # --model wins over the recipe's preset: the recipe's model section keeps its own keys (precision etc).
+    cfg = load_config(config_path, [*(overrides or []), f"preset={model}"])
+    return plan_config(cfg, gpus, device_name, recompute)
+
+
+def require_fit(result: Plan) -> list[LayoutPlan]:
+    """The fitting layouts, best first, or a PapoError saying why none fits."""
+    fitting = result.fitting
+    if fitting:
+        return fitting
+    if not result.layouts:
+        reasons = "; ".join(sorted(set(result.rejected.values())))[:400]
+        raise PapoError(f"no layout of {result.model} splits over {result.gpus} GPUs ({reasons}); "
+                        f"use a GPU count that is a multiple of the tp*pp degrees the model allows")
+    best = min(result.layouts, key=lambda p: p.memory.total)
+    need = best.memory.total / GB
+    raise PapoError(
+        f"no layout fits: {result.model} ({result.precision}) needs at least {need:.0f} GB per GPU "
+        f"({best.layout}) but {result.device.name} has {result.device.memory_gb:.0f} GB x {GPU_USABLE_FRACTION:.0%} usable; "
+        f"use more GPUs, a smaller batch (algo.prompts_per_step, rollout.n, train.micro_batch_size) or --recompute full"
+    )
+
+
+def format_plan(result: Plan, top: int = 5) -> str:
+    """The table `papo-mega plan` prints: every layout, best fitting ones first."""
+    order = result.fitting + [p for p in sorted(result.layouts, key=lambda p: p.memory.total) if not p.fits]
+    header = (f"{result.model} on {result.gpus} x {result.device.name} ({result.precision}, recompute {result.recompute}"
+              f"{' - planner estimate only, papo_mega has no recompute setting' if result.recompute != 'none' else ''})")
+    cols = ("layout", "stage", "weights", "grads", "optim", "ref", "kv", "act+logits", "rollout_pk", "train_pk",
+            "peak GB", "fits", "step s*")
+    lines = [header, "  ".join(f"{c:>10}" for c in cols)]
+    for p in order:
+        e = p.memory
+        row = (str(p.layout), str(e.stage), *(f"{x / GB:.1f}" for x in (e.weights, e.grads, e.optimizer, e.reference,
+               e.kv_cache, e.activations + e.logits, e.rollout_peak, e.train_peak, e.total)),
+               "yes" if p.fits else "no", f"{p.step_s:.0f}")
+        lines.append("  ".join(f"{c:>10}" for c in row))
+    lines.append("* estimated step time (rollout + updates) at "
+                 f"{MODEL_FLOPS_UTILISATION:.0%} MFU; memory is the busiest pipeline stage, GB = 1e9 bytes")
+    fitting = result.fitting
+    if fitting:
+        lines.append(f"fits: best layouts {', '.join(str(p.layout) for p in fitting[:top])}")
+    return "\n".join(lines)
+
+
+__all__ = ["DEVICES", "Plan", "Workload", "estimate_memory", "estimate_step_time", "plan", "plan_config",
+           "replace"]

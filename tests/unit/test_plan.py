@@ -1,0 +1,95 @@
+"""`papo-mega plan`: memory terms, layout enumeration, fits / no-fit answers and one-line errors."""
+
+import pytest
+
+from papo_mega.config import ModelConfig, load_config
+from papo_mega.errors import ConfigError, PapoError
+from papo_mega.plan import (
+    DEVICES,
+    GB,
+    Layout,
+    candidate_layouts,
+    estimate_memory,
+    layer_params,
+    lm_workload,
+    plan,
+    require_fit,
+    stage_params,
+    vision_params,
+)
+
+SMALL = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                    vocab_size=256)
+
+
+def test_parameter_counts_by_hand():
+    # qkv 64x(64+2*2*16)=8192 + bias 128, proj 4096, fc1 64x256 + fc2 128x64 = 24576; norms 128
+    assert layer_params(SMALL, 1) == 8192 + 128 + 4096 + 24576 + 128
+    assert layer_params(SMALL, 2) == (8192 + 128 + 4096 + 24576) // 2 + 128
+    # untied: embedding and output 256x64 each, final norm 64
+    assert stage_params(SMALL, None, 1, 1, 0) == 4 * layer_params(SMALL, 1) + 2 * 256 * 64 + 64
+    assert stage_params(SMALL, None, 1, 2, 0) == 2 * layer_params(SMALL, 1) + 256 * 64
+    qwen = load_config(None, ["preset=qwen2.5-vl-7b"])
+    assert 0.66e9 < vision_params(qwen.vision, qwen.model.hidden_size, 1) < 0.69e9  # ~670M, as published
+    total = stage_params(qwen.model, qwen.vision, 1, 1, 0)
+    assert 8.2e9 < total < 8.4e9  # Qwen2.5-VL-7B: 8.29B parameters
+
+
+def test_memory_terms_by_hand():
+    work = lm_workload(seq_len=32, micro_batch_size=2, global_batch_size=8)
+    params = stage_params(SMALL, None, 1, 1, 0)
+    bf16 = ModelConfig(**{**SMALL.__dict__, "precision": "bf16"})
+    e = estimate_memory(bf16, None, Layout(1, 1, 2), work, DEVICES["h100-80gb"])
+    assert e.weights == params * 2 and e.grads == params * 4  # bf16 weights, fp32 main_grad
+    assert e.optimizer == params * 12 / 2  # fp32 master + 2 moments, sharded over dp=2
+    assert e.reference == 0 and e.kv_cache == 0
+    # per token per layer: 4h + 2(h + 2kv) + h + 4f = 256 + 256 + 64 + 512 elements, bf16, 1 micro-batch in flight
+    assert e.activations == 64 * 4 * (256 + 256 + 64 + 512) * 2 + 64 * 64 * 2
+    assert e.logits == 64 * 256 * (2 + 8)
+    fp32 = estimate_memory(SMALL, None, Layout(1, 1, 1), work, DEVICES["h100-80gb"], distributed_optimizer=False)
+    assert fp32.optimizer == params * 8  # fp32 params are their own master copy
+
+
+def test_layouts_are_exactly_the_valid_ones():
+    valid, rejected = candidate_layouts(SMALL, None, 8)
+    # heads 4 / groups 2 -> tp in {1, 2}; layers 4 -> pp in {1, 2, 4}; tp*pp divides 8
+    expected = {(tp, pp) for tp in (1, 2) for pp in (1, 2, 4) if 8 % (tp * pp) == 0}
+    assert {(lay.tp, lay.pp) for lay in valid} == expected
+    assert all(lay.tp * lay.pp * lay.dp == 8 for lay in valid)
+    assert "tp4 pp1 dp2" in rejected and "tp1 pp8 dp1" in rejected
+    qwen = load_config(None, ["preset=qwen2.5-vl-72b"])
+    valid, rejected = candidate_layouts(qwen.model, qwen.vision, 32)
+    assert max(lay.tp for lay in valid) == 4  # the vision MLP (3420) does not split 8 ways
+    assert "3420" in rejected["tp8 pp4 dp1"]
+
+
+def test_72b_on_32_h100_names_fitting_layouts():
+    result = plan("qwen2.5-vl-72b", 32, overrides=["model.precision=fp8"], recompute="full")
+    fitting = require_fit(result)
+    assert fitting and all(p.memory.total <= 80 * GB for p in fitting)
+
+
+def test_72b_on_4_gpus_says_no_layout_fits():
+    with pytest.raises(PapoError, match="no layout fits: .*needs at least"):
+        require_fit(plan("qwen2.5-vl-72b", 4, overrides=["model.precision=bf16"]))
+
+
+def test_bad_input_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="unknown model preset 'qwen9'"):
+        plan("qwen9", 8)
+    with pytest.raises(ConfigError, match="unknown GPU type 'tpu'"):
+        plan("qwen2.5-vl-7b", 8, "tpu")
+    with pytest.raises(ConfigError, match="a100-80gb has no fp8"):
+        plan("qwen2.5-vl-7b", 8, "a100-80gb", overrides=["model.precision=fp8"])
+    with pytest.raises(PapoError, match="no layout of .* splits over 5 GPUs"):
+        require_fit(plan("qwen2.5-vl-7b", 5))
+
+
+def test_cli_prints_table_and_exits_2_without_fit(capsys):
+    from papo_mega.cli import main
+
+    assert main(["plan", "--model", "tiny", "--gpus", "2"]) == 0
+    assert "fits: best layouts" in capsys.readouterr().out
+    assert main(["plan", "--model", "qwen2.5-vl-72b", "--gpus", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no layout fits" in err
