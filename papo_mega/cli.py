@@ -3,9 +3,11 @@
     papo-mega demo                                               # shards -> SFT -> PAPO-G -> eval, 2 CPU processes
     papo-mega smoke examples/tiny_lm.yaml parallel.tp_size=2    # under torchrun / srun / mpirun
     papo-mega train examples/papo_g_7b.yaml [--resume auto]      # RL, under torchrun / srun / mpirun
+    papo-mega train examples/papo_g_72b.yaml --dry-run --world-size 32   # check a recipe, no GPUs
     papo-mega sft examples/tiny_cpu.yaml                         # supervised warm start
     papo-mega eval --ckpt MODEL_DIR --data SHARDS --k 8          # avg@k and vision reliance
     papo-mega plot RUN_DIR                                       # PNG curves of a run
+    papo-mega plan --model qwen2.5-vl-72b --gpus 32              # memory and step time per layout
 
 User mistakes (PapoError) print one line naming the problem and the fix and exit with 2.
 """
@@ -56,6 +58,11 @@ def _cmd_train(args) -> int:
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
+    if args.dry_run:
+        from papo_mega.dry_run import run_dry_run
+
+        print("\n".join(run_dry_run(load_config(args.config, overrides), args.world_size, args.rank).lines()))
+        return 0
     run_train(load_config(args.config, overrides))
     return 0
 
@@ -73,6 +80,16 @@ def _cmd_plot(args) -> int:
 
     for path in plot_run(args.run_dir):
         print(path)
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    """Memory per GPU and an estimated step time for every TP/PP/DP layout (papo_mega/plan.py)."""
+    from papo_mega.plan import format_plan, plan, require_fit
+
+    result = plan(args.model, args.gpus, args.gpu, args.config, list(args.overrides), args.recompute)
+    print(format_plan(result))
+    require_fit(result)  # no layout fits: one line naming the reason, exit 2
     return 0
 
 
@@ -94,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="RL training (grpo | papo_g | dapo | papo_d), resumable")
     train.add_argument("config", help="YAML recipe, e.g. examples/papo_g_7b.yaml")
     train.add_argument("--resume", default=None, help="auto (default from the recipe) | none | a checkpoint path")
+    train.add_argument("--dry-run", action="store_true",
+                       help="build one rank of the layout on the meta device, check shapes, recipe and paths; no GPUs")
+    train.add_argument("--world-size", type=int, default=None,
+                       help="with --dry-run: the job's GPU count (default tp*pp, i.e. data-parallel 1)")
+    train.add_argument("--rank", type=int, default=0,
+                       help="with --dry-run: the rank to build (default 0; its first and last pipeline stage too)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
     train.set_defaults(func=_cmd_train)
 
@@ -105,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="PNG curves of a run's metrics into RUN_DIR/plots")
     plot.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
     plot.set_defaults(func=_cmd_plot)
+
+    plan = sub.add_parser("plan", help="memory per GPU and estimated step time of every TP/PP/DP layout")
+    plan.add_argument("--model", required=True, help="preset: qwen2.5-vl-3b | 7b | 32b | 72b | tiny")
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    plan.add_argument("--gpu", default="h100-80gb", help="h100-80gb (default) | h200 | a100-80gb | cpu")
+    plan.add_argument("--config", default=None, help="recipe for batch, rollout and precision settings")
+    plan.add_argument("--recompute", default=None, help="none | selective | full (default: the recipe's "
+                      "model.recompute)")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.precision=fp8")
+    plan.set_defaults(func=_cmd_plan)
 
     ev = sub.add_parser("eval", help="avg@k accuracy and vision reliance (original / masked / blank image)")
     ev.add_argument("--ckpt", required=True, help="model directory (papo_model.json + model/)")

@@ -47,6 +47,9 @@ class ModelConfig:
     precision: str = _f("fp32", "Compute precision: fp32 | bf16 | fp8 (fp8 needs Transformer Engine on CUDA).")
     fp8_recipe: str = _f("delayed", "Transformer Engine FP8 recipe: delayed | tensorwise | mxfp8 | blockwise.")
     fp8_format: str = _f("hybrid", "FP8 format: hybrid (e4m3 forward, e5m2 backward) | e4m3.")
+    fp8_bf16_layers_start: int = _f(0, "With precision=fp8: first transformer layers kept in bf16 (not with delayed).")
+    fp8_bf16_layers_end: int = _f(0, "With precision=fp8: last transformer layers kept in bf16 (not with delayed).")
+    recompute: str = _f("none", "Activation recomputation in the language model: none | selective (core attention) | full (every layer's input only).")
     init_std: float = _f(0.02, "Standard deviation of the normal weight initialisation.")
     mrope_section: list = _f([], "Multimodal rotary sections (t, h, w) in rotary pairs, e.g. [16, 24, 24]; [] for 1D rope.")
     image_token_id: int = _f(151655, "Placeholder token id replaced by vision embeddings.")
@@ -78,6 +81,19 @@ class ModelConfig:
             raise ConfigError(f"model.fp8_recipe={self.fp8_recipe!r} is not one of delayed, tensorwise, mxfp8, blockwise")
         if self.fp8_format not in ("hybrid", "e4m3"):
             raise ConfigError(f"model.fp8_format={self.fp8_format!r} is not one of hybrid, e4m3")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError(f"model.recompute={self.recompute!r} is not one of none, selective, full")
+        start, end = self.fp8_bf16_layers_start, self.fp8_bf16_layers_end
+        if start < 0 or end < 0 or start + end > self.num_layers:
+            raise ConfigError(
+                f"model.fp8_bf16_layers_start={start} / fp8_bf16_layers_end={end} must be >= 0 and add up to at "
+                f"most num_layers={self.num_layers}"
+            )
+        if self.precision == "fp8" and (start or end) and self.fp8_recipe == "delayed":
+            raise ConfigError(
+                "model.fp8_recipe=delayed cannot keep layers in bf16 (megatron-core); use fp8_recipe=tensorwise "
+                "(or mxfp8 / blockwise) or set model.fp8_bf16_layers_start=0 and fp8_bf16_layers_end=0"
+            )
         head_pairs = self.hidden_size // self.num_attention_heads // 2
         if self.mrope_section and sum(self.mrope_section) != head_pairs:
             raise ConfigError(
@@ -365,6 +381,12 @@ class Config:
             num_query_groups=m.num_query_groups,
             vocab_size=m.padded_vocab_size,
         )
+        per_stage = m.num_layers // layout.pp_size
+        if m.precision == "fp8" and max(m.fp8_bf16_layers_start, m.fp8_bf16_layers_end) > per_stage:
+            raise ConfigError(
+                f"model.fp8_bf16_layers_start/end ({m.fp8_bf16_layers_start}/{m.fp8_bf16_layers_end}) may not exceed "
+                f"the {per_stage} layers of one pipeline stage (megatron-core); lower them"
+            )
         per_step = self.train.micro_batch_size * layout.dp_size
         if self.train.global_batch_size % per_step:
             raise ConfigError(

@@ -13,8 +13,9 @@ The memory model follows what papo_mega builds (docs/scaling.md, "The planner"):
   prompt + max_new_tokens positions (engine.py rolls out a DP rank's prompts in one batch), plus
   the no-grad prefill's largest layer transient;
 * training: activations of the micro-batches in flight (1F1B: stage k holds pp - k of them) at
-  rows x (prompt + response) tokens, no recomputation unless --recompute says so (an estimate
-  only: papo_mega has no recompute setting yet), plus the logits / log-softmax on the last stage;
+  rows x (prompt + response) tokens, with the recipe's model.recompute (megatron's activation
+  recomputation in the language model; --recompute overrides it), plus the logits / log-softmax
+  on the last stage;
   the no-grad log-prob forward runs [original; masked] rows together when PAPO needs the masked
   view; the vision tower (first stage) sees every row's image at data.max_pixels (worst case).
 
@@ -26,6 +27,7 @@ tensor-parallel all-reduce cost. Pure functions; the CLI only formats `plan()`'s
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from papo_mega.config import Config, ModelConfig, VisionConfig
 from papo_mega.errors import ConfigError, PapoError
@@ -260,9 +262,8 @@ def token_layer_activation(m: ModelConfig, tp: int, recompute: str) -> float:
 
 
 def vision_token_activation(v: VisionConfig, tp: int, recompute: str) -> float:
+    """Per patch per vision layer; the tower's layers are not recomputed (model.recompute is the LM's)."""
     h, inner = v.hidden_size, v.intermediate_size
-    if recompute == "full":
-        return h
     return 4 * h + (2 * 3 * h + h + 3 * inner) / tp
 
 
@@ -412,8 +413,10 @@ def device_profile(name: str, precision: str) -> DeviceProfile:
     return device
 
 
-def plan_config(cfg: Config, gpus: int, device_name: str = "h100-80gb", recompute: str = "none") -> Plan:
-    """Estimate every valid layout of `cfg`'s model on `gpus` GPUs of type `device_name`."""
+def plan_config(cfg: Config, gpus: int, device_name: str = "h100-80gb", recompute: str | None = None) -> Plan:
+    """Estimate every valid layout of `cfg`'s model on `gpus` GPUs of type `device_name`
+    (recompute: None takes the recipe's model.recompute)."""
+    recompute = cfg.model.recompute if recompute is None else recompute
     if recompute not in RECOMPUTE:
         raise ConfigError(f"--recompute {recompute!r} is not one of {' | '.join(RECOMPUTE)}")
     if gpus < 1:
@@ -433,7 +436,7 @@ def plan_config(cfg: Config, gpus: int, device_name: str = "h100-80gb", recomput
 
 
 def plan(model: str, gpus: int, device_name: str = "h100-80gb", config_path: str | None = None,
-         overrides: list[str] | None = None, recompute: str = "none") -> Plan:
+         overrides: list[str] | None = None, recompute: str | None = None) -> Plan:
     """`papo-mega plan`: the recipe (or the defaults) with `model`'s preset."""
     from papo_mega.config import load_config
     from papo_mega.models.presets import PRESETS
@@ -442,6 +445,11 @@ def plan(model: str, gpus: int, device_name: str = "h100-80gb", config_path: str
         raise ConfigError(f"unknown model preset '{model}' for the planner; choose one of: {', '.join(PRESETS)}")
     if device_name not in DEVICES:
         raise ConfigError(f"unknown GPU type '{device_name}'; choose one of: {', '.join(DEVICES)}")
+    if config_path is None:  # the recipe we ship for this model, if any: its precision, batch and recompute
+        shipped = Path(__file__).resolve().parent.parent / "examples" / f"papo_g_{model.rsplit('-', 1)[-1]}.yaml"
+        config_path = str(shipped) if model.startswith("qwen") and shipped.is_file() else None
+        if config_path:
+            print(f"[papo-mega] plan: workload from {shipped.name} (pass --config to plan another)", flush=True)
     # --model wins over the recipe's preset: the recipe's model section keeps its own keys (precision etc).
     cfg = load_config(config_path, [*(overrides or []), f"preset={model}"])
     return plan_config(cfg, gpus, device_name, recompute)
@@ -469,7 +477,7 @@ def format_plan(result: Plan, top: int = 5) -> str:
     """The table `papo-mega plan` prints: every layout, best fitting ones first."""
     order = result.fitting + [p for p in sorted(result.layouts, key=lambda p: p.memory.total) if not p.fits]
     header = (f"{result.model} on {result.gpus} x {result.device.name} ({result.precision}, recompute {result.recompute}"
-              f"{' - planner estimate only, papo_mega has no recompute setting' if result.recompute != 'none' else ''})")
+              ")")
     cols = ("layout", "stage", "weights", "grads", "optim", "ref", "kv", "act+logits", "rollout_pk", "train_pk",
             "peak GB", "fits", "step s*")
     lines = [header, "  ".join(f"{c:>10}" for c in cols)]

@@ -11,6 +11,7 @@ from a checkpoint repeats exactly what the uninterrupted run would have done.
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,47 @@ def eval_due(cfg: Config, done: int) -> bool:
     if not cfg.data.eval_shards:
         return False
     return done in (0, cfg.train.steps) or bool(cfg.algo.eval_every and done % cfg.algo.eval_every == 0)
+
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+"""Signals that stop training cleanly: Slurm's warning before the time limit (`--signal=USR1@T`) and
+the TERM of preemption, scancel or torchrun's shutdown. The step in progress finishes, a checkpoint of
+it is written, and `papo-mega train` exits 0 without a final model; `--resume auto` continues."""
+
+
+class StopRequest:
+    """Remembers a STOP_SIGNALS delivery (the handler only sets a flag); `agreed()` is collective.
+
+    Only some ranks may get the signal (Slurm signals tasks node by node; a user may `kill` one PID),
+    so every step ends with a MAX all-reduce of the local flag over the world group: all ranks stop
+    after the same step. A repeated USR1 is ignored (a batch script forwarding the warning to srun
+    may double it); a TERM after any stop signal restores the previous handlers and re-raises, so a
+    run stuck in a collective, or out of time after the warning, still dies. `restore()` on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. run_train called from a worker thread)
+                break
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is not None and signum == signal.SIGTERM:
+            self.restore()
+            signal.raise_signal(signum)
+        self.signum = self.signum or signum
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([0.0 if self.signum is None else 1.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def _timer():
@@ -313,6 +355,7 @@ def run_train(cfg: Config) -> dict:
     groups = init_distributed(cfg.parallel.layout_sizes(), launch=launch, timeout_s=cfg.parallel.timeout_s,
                               seed=cfg.train.seed)
     cfg.check_algorithm(groups.layout.dp_size)
+    stop = StopRequest()
     try:
         trainer = PapoTrainer(cfg, groups)
         is_main = groups.rank == 0
@@ -342,6 +385,7 @@ def run_train(cfg: Config) -> dict:
         collapse = CollapseDetector(cfg.run.collapse_window)
         bar = ProgressBar(cfg.train.steps, start, enabled=is_main)
         metrics: dict = {}
+        stopping = False
 
         def save(step: int) -> None:
             rank_state = {"stream": trainer.stream.state_dict(), "counters": dict(trainer.counters)}
@@ -368,7 +412,9 @@ def run_train(cfg: Config) -> dict:
             if cfg.train.sanity_every and done % cfg.train.sanity_every == 0:
                 check_replicas(trainer.chunks, groups)
             clock = _timer()
-            if (cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0) or done == cfg.train.steps:
+            stopping = stop.agreed(groups.device) and done < cfg.train.steps
+            if (cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0) or done == cfg.train.steps \
+                    or stopping:
                 save(done)
             metrics["time/checkpoint_s"] = clock()
             logger.log(done, metrics)
@@ -377,8 +423,16 @@ def run_train(cfg: Config) -> dict:
             if warning and is_main:
                 bar.write(f"[papo-mega] WARNING step {done}: {warning}")
             bar.update(metrics)
+            if stopping:
+                break
         bar.close()
         logger.close()
+        if stopping:
+            if is_main:
+                name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
+                print(f"[papo-mega] stopped by {name} after step {done} of {cfg.train.steps}: checkpoint "
+                      f"{latest_checkpoint(cfg.run.run_dir)}; rerun with --resume auto to continue", flush=True)
+            return metrics
         final = save_model_dir(trainer.chunks, Path(cfg.run.run_dir) / "final", cfg.model, cfg.vision, groups)
         if is_main:
             plot_run(cfg.run.run_dir)
@@ -386,4 +440,5 @@ def run_train(cfg: Config) -> dict:
                   f"TensorBoard logs in {Path(cfg.run.run_dir) / 'tb'}", file=sys.stdout, flush=True)
         return metrics
     finally:
+        stop.restore()
         shutdown_distributed()

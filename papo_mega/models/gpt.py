@@ -36,8 +36,8 @@ def select_layer_spec(model: ModelConfig):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     if model.precision == "fp8":
         raise ConfigError(
-            "model.precision=fp8 needs Transformer Engine on a CUDA machine; install papo_mega[gpu] on a GPU "
-            "node or set model.precision=bf16"
+            "model.precision=fp8 needs Transformer Engine on a CUDA machine; run in the NGC PyTorch container "
+            "or pip install transformer-engine[pytorch] (papo_mega[gpu]) on a GPU node, or set model.precision=bf16"
         )
     # megatron's local spec with SDPA core attention where that is the same function (causal, no
     # explicit mask): 0.73x -> ~0.9-1.0x of transformers' speed on CPU (docs/benchmarks.md).
@@ -85,6 +85,7 @@ def build_transformer_config(model: ModelConfig, groups: ParallelGroups):
     from megatron.core.transformer import TransformerConfig
 
     layout = groups.layout
+    fp8 = model.precision == "fp8"
     return TransformerConfig(
         **shared_transformer_settings(model.precision, groups.device.type == "cpu"),
         num_layers=model.num_layers,
@@ -104,9 +105,25 @@ def build_transformer_config(model: ModelConfig, groups: ParallelGroups):
         # under any number of micro-batches and DP ranks), not by dividing per micro-batch.
         calculate_per_token_loss=True,
         mrope_section=list(model.mrope_section) or None,
-        fp8=model.fp8_format if model.precision == "fp8" else None,
+        fp8=model.fp8_format if fp8 else None,
         fp8_recipe=model.fp8_recipe,
+        # megatron keeps layers [0, start) and [num_layers - end, num_layers) out of the fp8 autocast.
+        first_last_layers_bf16=fp8 and bool(model.fp8_bf16_layers_start or model.fp8_bf16_layers_end),
+        num_layers_at_start_in_bf16=model.fp8_bf16_layers_start,
+        num_layers_at_end_in_bf16=model.fp8_bf16_layers_end,
+        # megatron's activation recomputation: "full" keeps only each layer's input and reruns the
+        # layer in backward (uniform, one layer per checkpoint); "selective" reruns core attention.
+        **recompute_settings(model.recompute),
     )
+
+
+def recompute_settings(mode: str) -> dict:
+    """TransformerConfig fields for model.recompute."""
+    if mode == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    if mode == "selective":
+        return {"recompute_granularity": "selective"}
+    return {}
 
 
 def build_language_model(model: ModelConfig, config, groups: ParallelGroups, vp_stage: int | None):

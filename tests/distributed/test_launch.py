@@ -78,3 +78,32 @@ def test_missing_launcher_variable_is_a_one_line_error(tmp_path):
     proc = _run([sys.executable, *SMOKE[:4], f"run.run_dir={tmp_path}"], tmp_path, env=env, timeout=120)
     assert proc.returncode == 2
     assert "papo-mega: error: WORLD_SIZE is not set; start with torchrun" in proc.stderr
+
+
+def test_mpirun_trains_the_tiny_vlm_with_data_parallel_2(tmp_path):
+    """`mpirun -n 2 papo-mega train` works like torchrun: DP2 steps, metrics and a checkpoint."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not installed (pip install papo_mega[mpi])")
+    from papo_mega.checkpoint import is_complete_checkpoint, latest_checkpoint
+
+    proc = _run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--split", "train", "--num", "32",
+                 "--out", str(tmp_path / "train"), "--samples-per-shard", "16"], tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = tmp_path / "run"
+    overrides = [f"data.train_shards={tmp_path / 'train'}", "data.eval_shards=", "data.max_prompt_len=256",
+                 "data.min_pixels=3136", "data.max_pixels=3136", "algo.prompts_per_step=4", "rollout.n=2",
+                 "rollout.max_new_tokens=8", "train.micro_batch_size=2", "train.global_batch_size=8",
+                 "train.steps=2", "checkpoint.save_every=2", f"run.run_dir={run_dir}", "run.tensorboard=false"]
+    mpi_env = {k: v for k, v in ENV.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    mpi_env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    papo_mega = str(Path(sys.executable).parent / "papo-mega")
+    cmd = [MPIRUN, "-n", "2", "--oversubscribe", "--bind-to", "none", "-x", "OMP_NUM_THREADS",
+           papo_mega, "train", str(REPO / "examples" / "tiny_cpu.yaml"), *overrides]
+    proc = _run(cmd, tmp_path, timeout=400, env=mpi_env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert sorted(row["step"] for row in rows) == [1, 2]
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None and ckpt.name == "step_00000002" and is_complete_checkpoint(ckpt)
+    # One job of two data-parallel ranks, not two single-rank jobs.
+    assert "train papo_g: tp1 pp1 dp2 (world 2)" in proc.stdout, proc.stdout[-2000:]

@@ -103,3 +103,56 @@ def test_recipe_values_win_over_the_preset():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown model preset 'qwen9'; choose one of: tiny"):
         load_config(None, ["preset=qwen9"])
+
+
+def test_fp8_bf16_layers_reach_the_transformer_config():
+    from types import SimpleNamespace
+
+    import torch
+
+    from papo_mega.distributed.layout import ParallelLayout
+    from papo_mega.models.gpt import build_transformer_config
+
+    groups = SimpleNamespace(layout=ParallelLayout(), device=torch.device("cpu"))
+    fp8 = load_config(None, ["model.precision=fp8", "model.fp8_recipe=tensorwise", "model.fp8_bf16_layers_start=1",
+                             "model.fp8_bf16_layers_end=2"]).model
+    config = build_transformer_config(fp8, groups)
+    assert (config.fp8, config.fp8_recipe, config.first_last_layers_bf16) == ("hybrid", "tensorwise", True)
+    assert (config.num_layers_at_start_in_bf16, config.num_layers_at_end_in_bf16) == (1, 2)
+    # Without fp8 the counts are inert: no fp8 autocast, nothing kept "out of" it.
+    bf16 = load_config(None, ["model.precision=bf16", "model.fp8_bf16_layers_start=1"]).model
+    config = build_transformer_config(bf16, groups)
+    assert config.fp8 is None and not config.first_last_layers_bf16
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.precision=fp8", "model.fp8_bf16_layers_start=1"],
+     "model.fp8_recipe=delayed cannot keep layers in bf16 (megatron-core); use fp8_recipe=tensorwise"),
+    (["model.fp8_bf16_layers_end=-1"], "must be >= 0 and add up to at most num_layers=4"),
+    (["model.fp8_bf16_layers_start=3", "model.fp8_bf16_layers_end=2"], "add up to at most num_layers=4"),
+])
+def test_fp8_bf16_layer_options_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)
+
+
+def test_fp8_bf16_layers_fit_one_pipeline_stage():
+    cfg = load_config(None, ["model.precision=fp8", "model.fp8_recipe=tensorwise", "model.fp8_bf16_layers_start=2",
+                             "parallel.pp_size=4", "train.global_batch_size=4", "train.micro_batch_size=1"])
+    with pytest.raises(ConfigError, match="may not exceed the 1 layers of one pipeline stage"):
+        cfg.check(4)
+    cfg.parallel.pp_size = 2
+    cfg.check(2)
+
+
+@pytest.mark.parametrize("recipe, expected", [("papo_g_72b.yaml", 73.4e9), ("papo_g_32b.yaml", 33.4e9)])
+def test_large_recipes_load_and_count_the_published_parameters(recipe, expected):
+    from pathlib import Path
+
+    from papo_mega.dry_run import total_params
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / recipe)
+    assert cfg.model.precision == "fp8" and cfg.algo.name == "papo_g"
+    cfg.check(cfg.parallel.tp_size * cfg.parallel.pp_size)
+    cfg.check_algorithm(1)
+    assert abs(total_params(cfg) - expected) < 0.1e9

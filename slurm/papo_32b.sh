@@ -1,0 +1,24 @@
+#!/bin/bash
+# PAPO-G on a Qwen2.5-VL-32B-class model: 2 nodes x 8 H100 80GB (precision and layout from the recipe).
+# Submit from the repository root:   sbatch slurm/papo_32b.sh
+# Overrides at submit time, e.g.:     RUN_DIR=/lustre/runs/32b DATA=/lustre/shards INIT_FROM=/lustre/sft_32b \
+#                                     CONTAINER_IMAGE=nvcr.io#nvidia/pytorch:25.01-py3 sbatch slurm/papo_32b.sh
+# All variables: slurm/common.sh. Launch, resume and signals: docs/scaling.md.
+#SBATCH --job-name=papo-32b
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --mem=0
+#SBATCH --time=24:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+# USR1 this long before the time limit: enough to finish the step in progress and write a checkpoint.
+#SBATCH --signal=B:USR1@1500
+
+RECIPE_DEFAULT=examples/papo_g_32b.yaml
+PRECISION="${PRECISION-}"
+# Parallel layout: '' keeps the recipe's parallel.* settings; e.g. LAYOUT="parallel.tp_size=8 parallel.pp_size=2".
+LAYOUT="${LAYOUT-}"
+source "${PAPO_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"

@@ -1,0 +1,24 @@
+#!/bin/bash
+# PAPO-G on a Qwen2.5-VL-7B-class model: 1 node x 8 H100 80GB (precision and layout from the recipe).
+# Submit from the repository root:   sbatch slurm/papo_7b.sh
+# Overrides at submit time, e.g.:     RUN_DIR=/lustre/runs/7b DATA=/lustre/shards INIT_FROM=/lustre/sft_7b \
+#                                     CONTAINER_IMAGE=nvcr.io#nvidia/pytorch:25.01-py3 sbatch slurm/papo_7b.sh
+# All variables: slurm/common.sh. Launch, resume and signals: docs/scaling.md.
+#SBATCH --job-name=papo-7b
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --mem=0
+#SBATCH --time=12:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+# USR1 this long before the time limit: enough to finish the step in progress and write a checkpoint.
+#SBATCH --signal=B:USR1@900
+
+RECIPE_DEFAULT=examples/papo_g_7b.yaml
+PRECISION="${PRECISION-}"
+# Parallel layout: '' keeps the recipe's parallel.* settings; e.g. LAYOUT="parallel.tp_size=2".
+LAYOUT="${LAYOUT-}"
+source "${PAPO_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
