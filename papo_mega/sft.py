@@ -122,16 +122,13 @@ def run_sft(cfg: Config) -> Path:
     """Train cfg.sft.steps steps on cfg.data.train_shards; return the model directory written."""
     from papo_mega.checkpoint import load_model_dir, save_model_dir
     from papo_mega.data.tokenizer import load_tokenizer
-    from papo_mega.distributed import detect_launch, init_distributed, shutdown_distributed
+    from papo_mega.distributed import init_job, shutdown_distributed
     from papo_mega.models.qwen_vl import build_model_chunks
     from papo_mega.optim import attach_grad_finalisation, build_optimizer, build_scheduler, wrap_ddp
 
     check_train_shards(cfg.data.train_shards)
     cfg = sft_config(cfg)
-    launch = detect_launch()
-    cfg.check(launch.world_size)
-    groups = init_distributed(cfg.parallel.layout_sizes(), launch=launch, timeout_s=cfg.parallel.timeout_s,
-                              seed=cfg.train.seed)
+    groups = init_job(cfg)
     try:
         is_main = groups.rank == 0
         out = Path(cfg.sft.out or Path(cfg.run.run_dir) / "sft")

@@ -1,8 +1,8 @@
 """The foundation's end-to-end job: a tiny decoder LM trained for a few steps at any layout.
 
 `papo-mega smoke RECIPE [overrides]` runs it under whichever launcher started us and writes
-`smoke_result.json` (layout, launcher, losses) into the run directory; `papo-mega demo` starts it
-on 4 local CPU processes at TP2xPP2. The PAPO loop replaces it as the demo in a later stage.
+`smoke_result.json` (layout, launcher, losses) into the run directory (recipe: examples/tiny_lm.yaml).
+The tests use it to check launchers and layouts; `papo-mega demo` is the PAPO job (demo.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from papo_mega.config import Config, save_config
-from papo_mega.distributed import detect_launch, init_distributed, shutdown_distributed
+from papo_mega.distributed import init_job, shutdown_distributed
 from papo_mega.lm_step import make_lm_batch, train_step
 from papo_mega.models.qwen_vl import build_model_chunks
 from papo_mega.optim import attach_grad_finalisation, build_optimizer, wrap_ddp
@@ -22,15 +22,12 @@ from papo_mega.optim import attach_grad_finalisation, build_optimizer, wrap_ddp
 
 def run_smoke(cfg: Config) -> dict:
     """Train cfg.train.steps steps; return (on every rank) the layout and the per-step losses."""
-    launch = detect_launch()
-    cfg.check(launch.world_size)
-    groups = init_distributed(cfg.parallel.layout_sizes(), launch=launch, timeout_s=cfg.parallel.timeout_s,
-                              seed=cfg.train.seed)
+    groups = init_job(cfg)
     try:
         is_main = groups.rank == 0
         if is_main:
             save_config(cfg, cfg.run.run_dir)
-            print(f"[papo-mega] {launch.launcher}: {groups.layout.describe()}, backend {groups.backend}", flush=True)
+            print(f"[papo-mega] {groups.launch.launcher}: {groups.layout.describe()}, backend {groups.backend}", flush=True)
         use_distopt = cfg.parallel.use_distributed_optimizer
         chunks = wrap_ddp(build_model_chunks(cfg.model, cfg.vision, groups, cfg.train.seed), groups, use_distopt)
         attach_grad_finalisation(chunks)
@@ -46,7 +43,7 @@ def run_smoke(cfg: Config) -> dict:
             if is_main and (step + 1) % cfg.train.log_every == 0:
                 tqdm.write(f"step {step + 1:4d}/{cfg.train.steps}  loss {metrics['loss']:.4f}  "
                            f"grad_norm {metrics['grad_norm']:.3f}", file=sys.stdout)
-        result = {"launcher": launch.launcher, "layout": groups.layout.describe(), "losses": losses}
+        result = {"launcher": groups.launch.launcher, "layout": groups.layout.describe(), "losses": losses}
         if is_main:
             path = Path(cfg.run.run_dir) / "smoke_result.json"
             path.write_text(json.dumps(result, indent=2))

@@ -118,6 +118,9 @@ class PapoTrainer:
         if not cfg.data.train_shards or not Path(cfg.data.train_shards).is_dir():
             raise PapoError(f"data.train_shards={cfg.data.train_shards!r} is not a shard directory; make one with "
                             f"tools/make_synthetic.py or tools/make_shards.py")
+        if cfg.data.eval_shards and not Path(cfg.data.eval_shards).is_dir():
+            raise PapoError(f"data.eval_shards={cfg.data.eval_shards} is not a shard directory; make one with "
+                            f"tools/make_synthetic.py --split test, or set data.eval_shards='' for no evaluation")
         if cfg.algo.init_from:
             chunks, _, model, vision = load_model_dir(cfg.algo.init_from, groups, precision=cfg.model.precision)
             cfg.model, cfg.vision = model, vision
@@ -345,15 +348,12 @@ def run_train(cfg: Config) -> dict:
         save_model_dir,
         save_training_checkpoint,
     )
-    from papo_mega.distributed import detect_launch, init_distributed, shutdown_distributed
+    from papo_mega.distributed import init_job, shutdown_distributed
     from papo_mega.evaluate import write_results
     from papo_mega.metrics import CollapseDetector, MetricsLogger, ProgressBar, eval_tag, plot_run
     from papo_mega.sanity import check_replicas
 
-    launch = detect_launch()
-    cfg.check(launch.world_size)
-    groups = init_distributed(cfg.parallel.layout_sizes(), launch=launch, timeout_s=cfg.parallel.timeout_s,
-                              seed=cfg.train.seed)
+    groups = init_job(cfg)
     cfg.check_algorithm(groups.layout.dp_size)
     stop = StopRequest()
     try:
@@ -377,9 +377,6 @@ def run_train(cfg: Config) -> dict:
             print(f"[papo-mega] train {cfg.algo.name}: {groups.layout.describe()}, backend {groups.backend}",
                   flush=True)
         # Steps are logged 1-based (after step k, k steps are done): the first line this process writes.
-        if cfg.data.eval_shards and not Path(cfg.data.eval_shards).is_dir():
-            raise PapoError(f"data.eval_shards={cfg.data.eval_shards} is not a shard directory; make one with "
-                            f"tools/make_synthetic.py --split test, or set data.eval_shards='' for no evaluation")
         # A fresh run logs its step-0 evaluation; a resumed one continues after its last step.
         logger = MetricsLogger(cfg.run.run_dir, cfg.run.tensorboard, is_main, start_step=start + 1 if start else 0)
         collapse = CollapseDetector(cfg.run.collapse_window)

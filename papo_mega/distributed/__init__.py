@@ -2,7 +2,7 @@
 
 from papo_mega.distributed.launcher import LaunchInfo, detect_launch
 from papo_mega.distributed.layout import ParallelLayout, pad_vocab_size
-from papo_mega.distributed.runtime import ParallelGroups, init_distributed, shutdown_distributed
+from papo_mega.distributed.runtime import ParallelGroups, init_distributed, init_job, shutdown_distributed
 
 __all__ = [
     "LaunchInfo",
@@ -10,6 +10,7 @@ __all__ = [
     "ParallelLayout",
     "detect_launch",
     "init_distributed",
+    "init_job",
     "pad_vocab_size",
     "shutdown_distributed",
 ]

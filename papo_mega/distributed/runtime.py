@@ -12,6 +12,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,9 @@ from papo_mega.distributed.cpu_mode import enable_cpu_mode
 from papo_mega.distributed.launcher import LaunchInfo, detect_launch
 from papo_mega.distributed.layout import ParallelLayout
 from papo_mega.errors import LaunchError, LayoutError
+
+if TYPE_CHECKING:
+    from papo_mega.config import Config
 
 _log = logging.getLogger(__name__)
 
@@ -113,6 +117,17 @@ def _quiet_known_warnings() -> None:
         r"The .grad attribute of a Tensor that is not a leaf.*",  # megatron's schedule probes it
     ):
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def init_job(cfg: Config) -> ParallelGroups:
+    """The process groups of a job configured by `cfg`, under whichever launcher started us.
+
+    The config is checked against the launcher's world size first, so an impossible layout is one
+    line before any process group starts, not a traceback on every rank."""
+    launch = detect_launch()
+    cfg.check(launch.world_size)
+    return init_distributed(cfg.parallel.layout_sizes(), launch=launch, timeout_s=cfg.parallel.timeout_s,
+                            seed=cfg.train.seed)
 
 
 def init_distributed(
