@@ -26,78 +26,22 @@ from pathlib import Path
 
 import torch
 
-from papo_mega.config import Config, ModelConfig, VisionConfig
+from papo_mega.config import Config, ModelConfig
 from papo_mega.distributed.layout import ParallelLayout
 from papo_mega.errors import ConfigError, LayoutError, PapoError
+from papo_mega.models.param_shapes import numel, rank_shapes
 
-# --- Expected parameter shapes, from the config alone ----------------------------------------------
-
-
-def _lm_layer_shapes(m: ModelConfig, tp: int) -> list[tuple[int, ...]]:
-    """One decoder layer's local parameter shapes: RMSNorms, GQA attention (qkv bias), SwiGLU MLP."""
-    h, d = m.hidden_size, m.hidden_size // m.num_attention_heads
-    qkv = (m.num_attention_heads + 2 * m.num_query_groups) * d // tp
-    return [
-        (h,),  # input_layernorm (TE spec: linear_qkv.layer_norm_weight)
-        (qkv, h), (qkv,),  # linear_qkv weight, bias (add_qkv_bias)
-        (h, m.num_attention_heads * d // tp),  # linear_proj (no bias)
-        (h,),  # pre_mlp_layernorm (TE spec: linear_fc1.layer_norm_weight)
-        (2 * m.ffn_hidden_size // tp, h),  # linear_fc1: [gate; up]
-        (h, m.ffn_hidden_size // tp),  # linear_fc2
-    ]
-
-
-def _vision_shapes(v: VisionConfig, out_hidden: int, tp: int) -> list[tuple[int, ...]]:
-    """The vision tower's local parameter shapes (all on the first pipeline stage)."""
-    hv, iv = v.hidden_size, v.intermediate_size
-    merged = hv * v.spatial_merge_size**2
-    shapes = [(hv, v.in_channels * v.temporal_patch_size * v.patch_size**2)]  # patch_embed, no bias
-    block = [
-        (hv,), (3 * hv // tp, hv), (3 * hv // tp,), (hv, hv // tp), (hv,),  # norm, qkv w/b, proj w/b
-        (hv,), (2 * iv // tp, hv), (2 * iv // tp,), (hv, iv // tp), (hv,),  # norm, fc1 w/b, fc2 w/b
-    ]
-    shapes += block * v.depth
-    shapes += [(hv,), (merged // tp, merged), (merged // tp,), (out_hidden, merged // tp), (out_hidden,)]
-    return shapes
+# --- Expected parameter shapes, from the config alone (models/param_shapes.py) ---------------------
 
 
 def expected_rank_shapes(cfg: Config, layout: ParallelLayout, pp_rank: int) -> list[tuple[int, ...]]:
     """Every local parameter shape held by a rank at pipeline position pp_rank (any TP/DP rank)."""
-    m, tp, pp = cfg.model, layout.tp_size, layout.pp_size
-    stages = pp * layout.virtual_chunks
-    per_chunk = m.num_layers // stages
-    vocab_rows = m.padded_vocab_size // tp
-    shapes: list[tuple[int, ...]] = []
-    for chunk in range(layout.virtual_chunks):
-        stage = chunk * pp + pp_rank
-        first, last = stage == 0, stage == stages - 1
-        if first:
-            shapes.append((vocab_rows, m.hidden_size))  # word embeddings
-            if cfg.vision.enabled:
-                shapes += _vision_shapes(cfg.vision, m.hidden_size, tp)
-        shapes += _lm_layer_shapes(m, tp) * per_chunk
-        if last:
-            shapes.append((m.hidden_size,))  # final_layernorm
-            # A tied output layer has no weight of its own on a single stage; on a later stage it
-            # keeps a copy of the embedding that the embedding group keeps in sync.
-            if not (m.tie_embeddings and first):
-                shapes.append((vocab_rows, m.hidden_size))
-    return shapes
-
-
-def _numel(shapes) -> int:
-    total = 0
-    for shape in shapes:
-        n = 1
-        for s in shape:
-            n *= s
-        total += n
-    return total
+    return rank_shapes(cfg.model, cfg.vision, layout.tp_size, layout.pp_size, pp_rank, layout.virtual_chunks)
 
 
 def expected_rank_params(cfg: Config, layout: ParallelLayout, pp_rank: int) -> int:
     """Parameters held by one rank at pipeline position pp_rank (counted once per rank)."""
-    return _numel(expected_rank_shapes(cfg, layout, pp_rank))
+    return numel(expected_rank_shapes(cfg, layout, pp_rank))
 
 
 def total_params(cfg: Config) -> int:
@@ -321,7 +265,7 @@ def run_dry_run(cfg: Config, world_size: int | None = None, rank: int = 0) -> Dr
             missing = sorted((Counter(expected) - Counter(shapes)).elements())[:3]
             raise PapoError(f"rank {r}: built parameters differ from the config's: unexpected shapes {extra}, "
                             f"missing {missing}; report this with the recipe")
-        report.ranks[r] = (pp_rank, _numel(shapes))
+        report.ranks[r] = (pp_rank, numel(shapes))
     report.checked.append("parameter shapes and counts of the built ranks (meta device)")
     note = _fp8_note(cfg.model)
     if note:

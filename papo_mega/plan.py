@@ -31,6 +31,7 @@ from pathlib import Path
 
 from papo_mega.config import Config, ModelConfig, VisionConfig
 from papo_mega.errors import ConfigError, PapoError
+from papo_mega.models.param_shapes import layer_shapes, numel, rank_shapes, vision_shapes
 
 GB = 1e9
 GIB = 2**30
@@ -177,36 +178,17 @@ class Plan:
 # -- parameter counts ------------------------------------------------------------------------------
 def layer_params(m: ModelConfig, tp: int) -> int:
     """One decoder layer on one TP rank: qkv (+bias), proj, SwiGLU fc1/fc2 split; the two norms replicated."""
-    head_dim = m.hidden_size // m.num_attention_heads
-    qkv_out = m.hidden_size + 2 * m.num_query_groups * head_dim
-    matrices = m.hidden_size * qkv_out + qkv_out + m.hidden_size * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size
-    return matrices // tp + 2 * m.hidden_size
+    return numel(layer_shapes(m, tp))
 
 
 def vision_params(v: VisionConfig, out_hidden: int, tp: int) -> int:
     """The vision tower on one TP rank (vision.py): patch Linear and norms replicated, blocks and merger split."""
-    h, inner = v.hidden_size, v.intermediate_size
-    patch = v.in_channels * v.temporal_patch_size * v.patch_size**2 * h
-    split = (3 * h * h + 3 * h) + h * h + (2 * h * inner + 2 * inner) + inner * h  # qkv, proj, fc1, fc2 weights
-    replicated = 2 * h + h + h  # two norms, the row-parallel proj and fc2 biases
-    merged = h * v.spatial_merge_size**2
-    merger = (merged * merged + merged + merged * out_hidden) // tp + h + out_hidden
-    return patch + v.depth * (split // tp + replicated) + merger
+    return numel(vision_shapes(v, out_hidden, tp))
 
 
 def stage_params(m: ModelConfig, v: VisionConfig | None, tp: int, pp: int, stage: int) -> int:
     """Trainable parameters on one rank of pipeline stage `stage`."""
-    vocab = m.padded_vocab_size * m.hidden_size // tp
-    count = m.num_layers // pp * layer_params(m, tp)
-    if stage == 0:
-        count += vocab
-        if v is not None and v.enabled:
-            count += vision_params(v, m.hidden_size, tp)
-    if stage == pp - 1:
-        count += m.hidden_size  # final norm
-        if not m.tie_embeddings or pp > 1:  # a tied model with pp > 1 keeps a copy of the embedding
-            count += vocab
-    return count
+    return numel(rank_shapes(m, v, tp, pp, stage))
 
 
 def total_params(m: ModelConfig, v: VisionConfig | None) -> int:
