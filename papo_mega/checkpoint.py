@@ -1,4 +1,4 @@
-"""Checkpoints in megatron-core's distributed format: model directories and full training checkpoints.
+"""Training checkpoints in megatron-core's distributed format (model directories: model_dir.py).
 
 Every rank writes only its shards; the stored tensors are keyed by global names with global
 offsets, so model weights written at TP2xPP2 load at TP1, PP2 or any other layout.
@@ -19,7 +19,6 @@ atomically:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -35,6 +34,15 @@ from pathlib import Path
 import torch
 
 from papo_mega.errors import PapoError
+from papo_mega.model_dir import model_sharded_state_dict, unwrap
+from papo_mega.optim_state import (
+    optimizer_has_state,
+    optimizer_kind,
+    optimizer_metadata,
+    prepare_optimizer_for_load,
+    restore_steps,
+    tolerate_missing_step,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -53,90 +61,6 @@ _TMP_DIR = re.compile(r"^step_\d{8}\.(tmp|old)-[0-9a-f]+$")
 
 _FAULT_HOOK: Callable[[str], None] | None = None
 """Tests only: called with the save phase ('shards_written', 'published') to simulate a crash there."""
-
-
-def _unwrap(chunk):
-    return getattr(chunk, "module", chunk)
-
-
-def model_sharded_state_dict(chunks) -> dict:
-    """All chunks' sharded state dicts; the chunk index only names the entry, storage is by global key."""
-    return {f"chunk{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
-
-
-def save_model(chunks, directory: str | Path) -> None:
-    """Write the model's shards from every rank (collective: all ranks must call it)."""
-    from megatron.core import dist_checkpointing
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model_sharded_state_dict(chunks), str(directory))
-
-
-def load_model(chunks, directory: str | Path) -> None:
-    """Load a model checkpoint written at any layout into this layout's chunks (collective)."""
-    from megatron.core import dist_checkpointing
-
-    directory = Path(directory)
-    if not (directory / "metadata.json").is_file():
-        raise PapoError(f"{directory} is not a megatron distributed checkpoint (no metadata.json); check the path")
-    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(directory))
-    for i, chunk in enumerate(chunks):
-        _unwrap(chunk).load_state_dict(loaded[f"chunk{i}"])
-
-
-def load_model_dir(ckpt_dir: str | Path, groups, precision: str | None = None):
-    """Build this rank's chunks for a model directory (papo_model.json + model/) and load them.
-
-    A model directory is what convert_hf_to_mcore.py writes (and what training exports). Returns
-    (chunks, metadata dict, ModelConfig, VisionConfig). precision overrides the stored one
-    (parity is judged in fp32 whatever the stored dtype). Collective over all ranks.
-    """
-    from papo_mega.convert.hf_to_mcore import read_metadata
-    from papo_mega.models.qwen_vl import build_model_chunks
-
-    meta, model, vision = read_metadata(ckpt_dir)
-    if precision is not None:
-        model.precision = precision
-    chunks = build_model_chunks(model, vision, groups, initialise=False)
-    load_model(chunks, Path(ckpt_dir) / "model")
-    return chunks, meta, model, vision
-
-
-def save_model_dir(chunks, out_dir: str | Path, model, vision, groups) -> Path:
-    """Write a model directory (papo_model.json + model/) that eval, export and training load.
-
-    The metadata carries the transformers config of the same architecture, so
-    convert_mcore_to_hf.py can export it. Collective; rank 0 writes the metadata.
-    """
-    import torch.distributed as dist
-
-    from papo_mega.convert.hf_config import hf_config_kwargs
-    from papo_mega.convert.hf_to_mcore import write_metadata
-
-    out = Path(out_dir)
-    if dist.get_rank() == 0 and (out / "model").exists():
-        import shutil
-
-        shutil.rmtree(out / "model")  # a re-run replaces its model directory (e.g. RUN_DIR/final)
-    dist.barrier()
-    save_model(chunks, out / "model")
-    if dist.get_rank() == 0:
-        from transformers import Qwen2_5_VLConfig
-        from transformers.utils import logging as hf_logging
-
-        # A tiny vocabulary makes transformers warn that Qwen's default bos/eos ids lie outside
-        # it; they are unused by export and eval, so keep the run's output clean.
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            hf_config = Qwen2_5_VLConfig(**hf_config_kwargs(model, vision)).to_dict()
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}[model.precision]
-        write_metadata(out, hf_config, model, vision, dtype)
-    dist.barrier()
-    return out
 
 
 # -- training checkpoints -----------------------------------------------------------------------
@@ -232,7 +156,7 @@ def _local_signature(chunks) -> dict:
     """Shape-defining settings of this rank's chunks, named as config keys."""
     sig: dict = {}
     for chunk in chunks:
-        inner = _unwrap(chunk)
+        inner = unwrap(chunk)
         config = getattr(inner, "config", None)
         for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups"):
             if config is not None and getattr(config, key, None) is not None:
@@ -273,108 +197,6 @@ def _layout_of(groups) -> dict:
     lay = groups.layout
     return {"world_size": lay.world_size, "tp_size": lay.tp_size, "pp_size": lay.pp_size,
             "vpp_size": lay.vpp_size, "cp_size": lay.cp_size, "dp_size": lay.dp_size}
-
-
-def _optimizer_kind(optimizer) -> str | None:
-    """'distributed' (megatron DistributedOptimizer), 'plain' (model-space state), None (no optimizer)."""
-    if optimizer is None:
-        return None
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "plain"
-
-
-def _optimizer_has_state(optimizer) -> bool:
-    """Whether the optimizer has stepped (Adam moments exist) on every rank (collective).
-
-    Before its first step megatron's torch-Adam path cannot build a state dict; such an optimizer
-    is saved as 'empty' and a resume simply starts with a fresh one - the same thing."""
-    import torch.distributed as dist
-
-    inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-    local = all(opt is None or len(opt.state) > 0 or not any(g["params"] for g in opt.param_groups)
-                for opt in inner)
-    flag = torch.tensor([1 if local else 0], dtype=torch.int32,
-                        device="cuda" if torch.cuda.is_available() else "cpu")  # nccl reduces on the GPU
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _prepare_optimizer_for_load(optimizer) -> None:
-    """Give a never-stepped DistributedOptimizer a (zero) state to be overwritten by the load.
-
-    On the torch-Adam fallback (no Transformer Engine / apex) megatron 0.16 builds the load state
-    dict from `state_dict()`, which asserts that every parameter has a step: with no state yet it
-    fails. Moments and step created here are replaced by the checkpoint's."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(opt, DistributedOptimizer) or inner is None or len(inner.state) > 0:
-            continue
-        if getattr(opt, "init_state_fn", None) is None:
-            continue
-        opt.init_state_fn(inner, opt.config)
-        for state in inner.state.values():
-            state.setdefault("step", torch.tensor(0.0))
-
-
-def _restore_steps(optimizer) -> None:
-    """Give every parameter its own, correct Adam `step` after a DistributedOptimizer load.
-
-    On the torch-Adam path megatron 0.16 (dp_reshardable) restores the step into the param groups
-    and then overwrites the per-parameter step with the value it had before the load (0 for a fresh
-    optimizer); where it does set it, all parameters share one tensor, which torch's Adam would
-    advance once per parameter per update. The param groups hold the saved step: use it."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(opt, DistributedOptimizer) or inner is None:
-            continue
-        steps = {float(g["step"]) for g in inner.param_groups if g["params"] and g.get("step") is not None}
-        saved = next(iter(steps)) if len(steps) == 1 else None
-        for state in inner.state.values():
-            step = state.get("step")
-            if isinstance(step, torch.Tensor):
-                state["step"] = step.clone() if saved is None else torch.tensor(saved, dtype=step.dtype,
-                                                                                device=step.device)
-
-
-@contextlib.contextmanager
-def _tolerate_missing_step(optimizer):
-    """While loading: let megatron's copy into the torch-Adam state skip the `step` that the
-    fully_reshardable format does not store (megatron 0.16 raises KeyError on the torch-Adam path;
-    with Transformer Engine / apex there is no per-parameter step). `_restore_steps` sets it after."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    patched = []
-    if not distrib_optimizer.HAVE_APEX_OR_TE:
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-            if isinstance(opt, distrib_optimizer.DistributedOptimizer):
-                original = opt._set_main_param_and_optimizer_states
-
-                def setter(model_param, tensors, _original=original):
-                    if "step" not in tensors:
-                        tensors = {**tensors, "step": torch.zeros(())}
-                    _original(model_param, tensors)
-
-                opt._set_main_param_and_optimizer_states = setter
-                patched.append(opt)
-    try:
-        yield
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states
-
-
-def _optimizer_metadata(kind: str | None, optimizer_format: str) -> dict:
-    # megatron's own training metadata (0.16): no singleton shards, no per-chain prefix.
-    meta: dict = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
-    if kind == "distributed":
-        meta["distrib_optim_sharding_type"] = optimizer_format
-    return meta
 
 
 # -- RNG -------------------------------------------------------------------------------------------
@@ -570,13 +392,13 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
     previous = Path(plan[2]) if plan[2] else None
 
     # 2. model + optimizer shards (megatron reports a write failure on any rank to all ranks).
-    kind = _optimizer_kind(optimizer)
-    empty = kind is not None and not _optimizer_has_state(optimizer)
+    kind = optimizer_kind(optimizer)
+    empty = kind is not None and not optimizer_has_state(optimizer)
     model_sd = model_sharded_state_dict(chunks)
     sharded: dict = {"model": model_sd}
     if kind is not None and not empty:
         sharded["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=False, metadata=_optimizer_metadata(kind, optimizer_format))
+            model_sd, is_loading=False, metadata=optimizer_metadata(kind, optimizer_format))
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
@@ -713,7 +535,7 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler, gro
     # Everything that can be decided from the marker is decided before megatron reads a byte.
     _check_same_model(path, meta.get("model_signature") or {}, model_signature(chunks))
     layout = _layout_of(groups)
-    kind = _optimizer_kind(optimizer)
+    kind = optimizer_kind(optimizer)
     # An optimizer saved before its first step is a fresh one: nothing to restore.
     restore_optimizer = load_optimizer and kind is not None and not (meta.get("optimizer") or {}).get("empty")
     if restore_optimizer:
@@ -724,10 +546,10 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler, gro
     model_sd = model_sharded_state_dict(chunks)
     sharded: dict = {"model": model_sd}
     if restore_optimizer:
-        _prepare_optimizer_for_load(optimizer)
+        prepare_optimizer_for_load(optimizer)
         fmt = meta["optimizer"]["format"] if kind == "distributed" else DISTOPT_FORMAT
         sharded["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=True, metadata=_optimizer_metadata(kind, fmt))
+            model_sd, is_loading=True, metadata=optimizer_metadata(kind, fmt))
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
     except (Exception, _checkpoint_exception()) as err:  # noqa: BLE001 - megatron's reasons are many
@@ -736,13 +558,13 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler, gro
         raise PapoError(f"could not load {path} ({type(err).__name__}: {first[:300]}); check the checkpoint "
                         f"matches this model{hint}") from None
     for i, chunk in enumerate(chunks):
-        _unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
+        unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
     if restore_optimizer:
         # megatron 0.16's dp_reshardable load copies into views of the (fp32) weights; outside
         # no_grad autograd refuses the in-place copy.
-        with torch.no_grad(), _tolerate_missing_step(optimizer):
+        with torch.no_grad(), tolerate_missing_step(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
-        _restore_steps(optimizer)
+        restore_steps(optimizer)
     elif optimizer is not None:
         optimizer.reload_model_params()  # main (fp32) copies follow the loaded weights
     if scheduler is not None and meta.get("scheduler") is not None:

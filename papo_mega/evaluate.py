@@ -151,10 +151,10 @@ def write_results(result: dict, out_dir: str | Path) -> Path:
 def run_eval_cli(ckpt: str, data: str, k: int, cfg: Config, max_samples: int | None, out_dir: str | None,
                  batch_prompts: int) -> dict:
     """`papo-mega eval`: load the model directory at the configured layout, evaluate, write tables."""
-    from papo_mega.checkpoint import load_model_dir
     from papo_mega.data.tokenizer import load_tokenizer
     from papo_mega.distributed import detect_launch, init_distributed, shutdown_distributed
     from papo_mega.errors import PapoError
+    from papo_mega.model_dir import load_model_dir
     from papo_mega.rollout.engine import MegatronEngine
 
     if not Path(data).is_dir():

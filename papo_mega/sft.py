@@ -120,9 +120,9 @@ def sft_config(cfg: Config) -> Config:
 
 def run_sft(cfg: Config) -> Path:
     """Train cfg.sft.steps steps on cfg.data.train_shards; return the model directory written."""
-    from papo_mega.checkpoint import load_model_dir, save_model_dir
     from papo_mega.data.tokenizer import load_tokenizer
     from papo_mega.distributed import init_job, shutdown_distributed
+    from papo_mega.model_dir import load_model_dir, save_model_dir
     from papo_mega.models.qwen_vl import build_model_chunks
     from papo_mega.optim import attach_grad_finalisation, build_optimizer, build_scheduler, wrap_ddp
 

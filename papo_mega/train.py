@@ -109,8 +109,8 @@ class PapoTrainer:
     """Owns the model replicas, optimizer, data stream and engine of one training run."""
 
     def __init__(self, cfg: Config, groups: ParallelGroups):
-        from papo_mega.checkpoint import load_model_dir
         from papo_mega.data.tokenizer import load_tokenizer
+        from papo_mega.model_dir import load_model_dir
         from papo_mega.models.qwen_vl import build_model_chunks
         from papo_mega.optim import attach_grad_finalisation, build_optimizer, build_scheduler, wrap_ddp
 
@@ -148,7 +148,7 @@ class PapoTrainer:
 
     def _build_reference(self):
         """The frozen reference policy at the same layout: the starting weights, never updated."""
-        from papo_mega.checkpoint import load_model_dir
+        from papo_mega.model_dir import load_model_dir
         from papo_mega.models.qwen_vl import build_model_chunks
 
         cfg = self.cfg
@@ -345,12 +345,12 @@ def run_train(cfg: Config) -> dict:
         latest_checkpoint,
         load_training_checkpoint,
         resolve_resume,
-        save_model_dir,
         save_training_checkpoint,
     )
     from papo_mega.distributed import init_job, shutdown_distributed
     from papo_mega.evaluate import write_results
     from papo_mega.metrics import CollapseDetector, MetricsLogger, ProgressBar, eval_tag, plot_run
+    from papo_mega.model_dir import save_model_dir
     from papo_mega.sanity import check_replicas
 
     groups = init_job(cfg)

@@ -113,8 +113,8 @@ def convert_rank(hf_dir: str, out_dir: str, layout_sizes: dict) -> dict:
     """Run on every rank of the conversion job; returns this rank's peak RSS (bytes)."""
     import psutil
 
-    from papo_mega.checkpoint import save_model
     from papo_mega.distributed import init_distributed
+    from papo_mega.model_dir import save_model
     from papo_mega.models.qwen_vl import build_model_chunks
 
     hf_config = read_hf_config(hf_dir)

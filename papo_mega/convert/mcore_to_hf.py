@@ -31,9 +31,9 @@ def full_state_to_hf(ours: dict[str, torch.Tensor], model, vision, dtype: str) -
 
 def export_rank(ckpt_dir: str, out_dir: str) -> dict:
     """Single-process export (run inside a world of one)."""
-    from papo_mega.checkpoint import load_model_dir
     from papo_mega.distributed import init_distributed
     from papo_mega.distributed.sharding import named_local_params
+    from papo_mega.model_dir import load_model_dir
 
     groups = init_distributed({})
     chunks, meta, model, vision = load_model_dir(ckpt_dir, groups)

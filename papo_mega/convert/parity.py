@@ -62,8 +62,8 @@ def our_logits_rank(ckpt_dir: str, layout_sizes: dict, inputs: ModelInputs) -> t
     """Per rank of a tp*pp job: load the checkpoint, run the probe, return logits on rank 0."""
     import torch.distributed as dist
 
-    from papo_mega.checkpoint import load_model_dir
     from papo_mega.distributed import init_distributed
+    from papo_mega.model_dir import load_model_dir
     from papo_mega.models.forward import compute_full_logits
 
     groups = init_distributed(layout_sizes)

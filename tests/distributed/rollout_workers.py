@@ -30,8 +30,8 @@ def generate_at_layout(ckpt_dir: str, layout: dict, rollout: dict, seed: int, st
                        recompute: bool = False):
     """Our engine's rollout on the probe prompts; optionally the training forward's log-probs of it."""
     from papo_mega.algo.policy import compute_logprobs
-    from papo_mega.checkpoint import load_model_dir
     from papo_mega.distributed import init_distributed
+    from papo_mega.model_dir import load_model_dir
     from papo_mega.rollout.assemble import assemble_policy_rows
     from papo_mega.rollout.engine import MegatronEngine
 

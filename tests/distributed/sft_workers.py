@@ -28,11 +28,11 @@ def greedy_scores(model_dir: str | None, shards: str, questions: int, seed: int)
     """
     from dataclasses import replace
 
-    from papo_mega.checkpoint import load_model_dir
     from papo_mega.config import load_config
     from papo_mega.data.tokenizer import load_tokenizer
     from papo_mega.distributed import init_distributed
     from papo_mega.evaluate import evaluate
+    from papo_mega.model_dir import load_model_dir
     from papo_mega.models.qwen_vl import build_model_chunks
     from papo_mega.rollout.engine import MegatronEngine
 

@@ -14,9 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def save_tiny_model_dir(out_dir: str):
-    from papo_mega.checkpoint import save_model_dir
     from papo_mega.config import load_config
     from papo_mega.distributed import init_distributed
+    from papo_mega.model_dir import save_model_dir
     from papo_mega.models.qwen_vl import build_model_chunks
 
     cfg = load_config(None, ["preset=tiny"])

@@ -184,7 +184,7 @@ def _layout_error_message(groups) -> str | None:
 def checkpoint_reshard(directory: str):
     """Case 'a' saved at TP2 (seed 5), then loaded at TP1 x DP2 into a tower built from seed 77, in
     the same two processes (megatron's groups are rebuilt in between). Returns both outputs."""
-    from papo_mega.checkpoint import load_model, save_model
+    from papo_mega.model_dir import load_model, save_model
 
     case = CASES["a"]
     vision_cfg = VisionConfig(enabled=True, **case["vision"])

@@ -88,7 +88,7 @@ def _probe_logits(chunks, groups, vocab_size: int) -> torch.Tensor:
 
 def save_after_training(layout: dict, directory: str):
     """Train one step (so weights differ from any init), save, return logits on a probe batch."""
-    from papo_mega.checkpoint import save_model
+    from papo_mega.model_dir import save_model
 
     groups, model_cfg, chunks = _setup(layout, {})
     train_cfg = TrainConfig(**TINY_TRAIN)
@@ -102,7 +102,7 @@ def save_after_training(layout: dict, directory: str):
 
 def load_and_probe(layout: dict, directory: str):
     """Build the model with a different seed, load the checkpoint, return logits on the probe batch."""
-    from papo_mega.checkpoint import load_model
+    from papo_mega.model_dir import load_model
 
     groups = init_distributed(layout, seed=4321)
     model_cfg = ModelConfig(**TINY_MODEL)
