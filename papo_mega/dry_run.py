@@ -56,12 +56,12 @@ def total_params(cfg: Config) -> int:
 def _fake_world(rank: int, world_size: int, layout: ParallelLayout, seed: int):
     """torch.distributed with the fake backend and megatron's groups for one rank of the layout."""
     import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from papo_mega.distributed.cpu_mode import enable_cpu_mode
     from papo_mega.distributed.launcher import LaunchInfo
-    from papo_mega.distributed.runtime import ParallelGroups, _quiet_known_warnings
+    from papo_mega.distributed.runtime import _quiet_known_warnings, init_megatron_groups
 
     if dist.is_initialized():
         raise PapoError("--dry-run runs in a single process; start it without torchrun / srun / mpirun")
@@ -70,26 +70,8 @@ def _fake_world(rank: int, world_size: int, layout: ParallelLayout, seed: int):
         enable_cpu_mode()  # megatron's RNG tracker and device arguments, as in a CPU run
     dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
     try:
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=layout.tp_size,
-            pipeline_model_parallel_size=layout.pp_size,
-            virtual_pipeline_model_parallel_size=layout.vpp_size,
-            context_parallel_size=layout.cp_size,
-            create_gloo_process_groups=False,
-        )
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
         launch = LaunchInfo("dry-run", rank, world_size, 0, 1, "127.0.0.1", 0)
-        yield ParallelGroups(
-            layout=layout,
-            launch=launch,
-            backend="fake",
-            device=torch.device("meta"),
-            tp=parallel_state.get_tensor_model_parallel_group(),
-            pp=parallel_state.get_pipeline_model_parallel_group(),
-            dp=parallel_state.get_data_parallel_group(with_context_parallel=True),
-            mp=parallel_state.get_model_parallel_group(),
-            embd=parallel_state.get_embedding_group(check_initialized=False),
-        )
+        yield init_megatron_groups(layout, launch, "fake", torch.device("meta"), seed)
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()

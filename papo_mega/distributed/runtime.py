@@ -158,6 +158,15 @@ def init_distributed(
     elif dist.get_world_size() != launch.world_size:
         raise LayoutError(f"torch.distributed already runs with {dist.get_world_size()} ranks, not {launch.world_size}")
 
+    groups = init_megatron_groups(layout, launch, backend, device, seed, timeout_s)
+    _log.info("rank %d/%d via %s: %s, backend %s", launch.rank, launch.world_size, launch.launcher, layout.describe(), backend)
+    return groups
+
+
+def init_megatron_groups(layout: ParallelLayout, launch: LaunchInfo, backend: str, device: torch.device, seed: int,
+                         timeout_s: float = 600.0) -> ParallelGroups:
+    """megatron-core's TP/PP/DP groups of `layout` over the running torch.distributed world, and its
+    seeded RNG tracker (also used by `train --dry-run` over a fake world of the target size)."""
     from megatron.core import parallel_state, tensor_parallel
 
     parallel_state.destroy_model_parallel()
@@ -167,11 +176,12 @@ def init_distributed(
         virtual_pipeline_model_parallel_size=layout.vpp_size,
         context_parallel_size=layout.cp_size,
         distributed_timeout_minutes=max(1, int(timeout_s // 60)),
-        # With gloo as the main backend the extra gloo copies of the groups are redundant.
-        create_gloo_process_groups=backend != "gloo",
+        # With gloo as the main backend the extra gloo copies of the groups are redundant (and a
+        # fake world has no use for them).
+        create_gloo_process_groups=backend not in ("gloo", "fake"),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    groups = ParallelGroups(
+    return ParallelGroups(
         layout=layout,
         launch=launch,
         backend=backend,
@@ -182,8 +192,6 @@ def init_distributed(
         mp=parallel_state.get_model_parallel_group(),
         embd=parallel_state.get_embedding_group(check_initialized=False),
     )
-    _log.info("rank %d/%d via %s: %s, backend %s", launch.rank, launch.world_size, launch.launcher, layout.describe(), backend)
-    return groups
 
 
 def shutdown_distributed() -> None:
