@@ -83,23 +83,6 @@ def layer_spec(spec_fn):
         gpt.select_layer_spec = saved
 
 
-@contextlib.contextmanager
-def cpu_device_mode_off():
-    """Pop CPU mode's TorchFunctionMode for the block (its other redirections stay).
-
-    Only valid for code that never names a CUDA device, which is what the mode exists to rewrite.
-    A training step qualifies once warm: megatron's rotary embedding moves its frequencies to
-    `torch.cuda.current_device()` on the first forward per sequence length and caches the result,
-    so a mode-on forward at the same length must come first (the same-function check is one).
-    """
-    mode = cpu_mode._active_mode
-    mode.__exit__(None, None, None)
-    try:
-        yield
-    finally:
-        mode.__enter__()
-
-
 def build_mcore(cfg: ModelConfig, groups, spec_fn, core_attention: type, seed: int) -> torch.nn.Module:
     """Our training model (text only: no vision tower), one chunk, built with `spec_fn`."""
     with layer_spec(spec_fn):
@@ -211,7 +194,7 @@ def count_mode_calls(variant: Variant, batch) -> int:
     included) passes none through the mode stack.
     """
     counter = _CallCounter()
-    with cpu_device_mode_off(), counter:
+    with cpu_mode.device_mode_off(), counter:
         variant.per_token_loss(*batch).mean().backward()
     variant.model.zero_grad(set_to_none=True)
     return counter.calls
@@ -232,7 +215,7 @@ def mode_cost_per_call_us(repeats: int = 20_000) -> float:
 
     seconds_per_call()
     on = seconds_per_call()
-    with cpu_device_mode_off():
+    with cpu_mode.device_mode_off():
         off = seconds_per_call()
     return 1e6 * (on - off)
 
@@ -284,7 +267,7 @@ def build_variants(args) -> tuple[list[Variant], Variant]:
     mcore = [
         mcore_variant("mcore local spec", stock),
         mcore_variant("mcore sdpa spec", sdpa),
-        mcore_variant("mcore sdpa spec, mode off", sdpa, cpu_device_mode_off),
+        mcore_variant("mcore sdpa spec, mode off", sdpa, cpu_mode.device_mode_off),
     ]
     return mcore, transformers_variant(hf)
 

@@ -121,24 +121,12 @@ def interleaved(runs: dict, warmup: int, repeats: int) -> dict:
     for i in range(warmup + repeats):
         names = list(runs)[i % len(runs):] + list(runs)[: i % len(runs)]
         for name in names:
-            with cpu_device_mode_off() if name.endswith("transformers") else contextlib.nullcontext():
+            with cpu_mode.device_mode_off() if name.endswith("transformers") else contextlib.nullcontext():
                 start = time.perf_counter()
                 last[name] = runs[name]()
                 if i >= warmup:
                     times[name].append(time.perf_counter() - start)
     return {name: (statistics.median(t), min(t), last[name]) for name, t in times.items()}
-
-
-@contextlib.contextmanager
-def cpu_device_mode_off():
-    """transformers runs without CPU mode's device-rewriting TorchFunctionMode (as it would on its
-    own: it never names a CUDA device); the mode's other redirections stay."""
-    mode = cpu_mode._active_mode
-    mode.__exit__(None, None, None)
-    try:
-        yield
-    finally:
-        mode.__enter__()
 
 
 # Where a call's time goes, cProfile cumulative time per function (nested rows overlap).

@@ -126,6 +126,23 @@ def is_cpu_mode() -> bool:
     return _active_mode is not None
 
 
+@contextlib.contextmanager
+def device_mode_off():
+    """Pop CPU mode's TorchFunctionMode for the block (its other redirections stay); for benchmarks.
+
+    Only valid for code that never names a CUDA device, which is what the mode exists to rewrite
+    (transformers, for one). A megatron training step qualifies once warm: megatron's rotary
+    embedding moves its frequencies to `torch.cuda.current_device()` on the first forward per
+    sequence length and caches the result, so a mode-on forward at the same length must come first.
+    """
+    mode = _active_mode
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
+
+
 def enable_cpu_mode() -> None:
     """Install the CUDA->CPU redirections. Idempotent; refuses when CUDA is available."""
     global _active_mode
