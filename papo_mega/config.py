@@ -258,10 +258,15 @@ class RolloutConfig:
     top_k: int = _f(0, "Keep only the k most likely tokens (0 for off).")
     max_new_tokens: int = _f(64, "Longest response; longer ones stop with finish reason 'length'.")
     stop: list = _f([], "Stop strings: a response ends after the first token that completes one.")
+    max_batch_rows: int = _f(0, "Most rows (prompts x n) one rank decodes together: bounds the KV cache and the "
+                                "prefill; prompts go in length-sorted chunks of max_batch_rows // n (0: all at once).")
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_new_tokens < 1:
             raise ConfigError(f"rollout.n={self.n} and rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.max_batch_rows and self.max_batch_rows < self.n:
+            raise ConfigError(f"rollout.max_batch_rows={self.max_batch_rows} is below rollout.n={self.n}: a prompt's "
+                              f"group decodes together; use at least {self.n} (or 0 for no limit)")
         if self.temperature < 0:
             raise ConfigError(f"rollout.temperature={self.temperature} must be >= 0 (0 is greedy)")
         if not 0.0 < self.top_p <= 1.0:

@@ -9,9 +9,10 @@ The memory model follows what papo_mega builds (docs/scaling.md, "The planner"):
   fp32 master copy - both sharded across DP by the distributed optimizer. fp32 params need no
   master copy (megatron's optimizer steps the fp32 params themselves);
 * the frozen reference model (loss.kl_coef > 0): weights only;
-* rollout: the StaticInferenceContext KV cache of all this rank's prompts x rollout.n rows at
-  prompt + max_new_tokens positions (engine.py rolls out a DP rank's prompts in one batch), plus
-  the no-grad prefill's largest layer transient;
+* rollout: the StaticInferenceContext KV cache of one generate batch - all this rank's prompts x
+  rollout.n rows, or rollout.max_batch_rows of them when set (engine.py decodes chunks one after
+  another) - at prompt + max_new_tokens positions, plus the batch's no-grad prefill's largest
+  layer transient;
 * training: activations of the micro-batches in flight (1F1B: stage k holds pp - k of them) at
   rows x (prompt + response) tokens, with the recipe's model.recompute (megatron's activation
   recomputation in the language model; --recompute overrides it), plus the logits / log-softmax
@@ -20,7 +21,7 @@ The memory model follows what papo_mega builds (docs/scaling.md, "The planner"):
   view; the vision tower (first stage) sees every row's image at data.max_pixels (worst case).
 
 The step time is an estimate: matmul FLOPs at MODEL_FLOPS_UTILISATION of the GPU's dense peak,
-memory-bound decode (weights + KV read per token / HBM bandwidth), the 1F1B bubble and a rough
+memory-bound decode (weights + KV read per token and chunk / HBM bandwidth), the 1F1B bubble and a rough
 tensor-parallel all-reduce cost. Pure functions; the CLI only formats `plan()`'s result.
 """
 
@@ -106,6 +107,8 @@ class Workload:
     rollout_prompts: int = 0
     """Prompts rolled out per step, all DP ranks together (0: no rollout, the LM step)."""
     rollout_n: int = 1
+    rollout_batch_rows: int = 0
+    """rollout.max_batch_rows: rows one generate batch decodes together (0: all of a rank's rows)."""
     prompt_len: int = 0
     max_new_tokens: int = 0
     image_patches: int = 0
@@ -209,7 +212,8 @@ def workload_from_config(cfg: Config) -> Workload:
         nograd_rows=cfg.train.micro_batch_size * views,
         rows_per_update=cfg.train.global_batch_size,
         updates=max(1, cfg.train.ppo_epochs * responses // cfg.train.global_batch_size),
-        rollout_prompts=cfg.algo.prompts_per_step, rollout_n=cfg.rollout.n, prompt_len=cfg.data.max_prompt_len,
+        rollout_prompts=cfg.algo.prompts_per_step, rollout_n=cfg.rollout.n,
+        rollout_batch_rows=cfg.rollout.max_batch_rows, prompt_len=cfg.data.max_prompt_len,
         max_new_tokens=cfg.rollout.max_new_tokens, image_patches=patches, reference=cfg.loss.kl_coef > 0,
         nograd_views=views,
     )
@@ -219,6 +223,14 @@ def lm_workload(seq_len: int, micro_batch_size: int, global_batch_size: int) -> 
     """The LM step (lm_step.py): training only, no rollout, no reference, no images."""
     return Workload(seq_len=seq_len, micro_batch_rows=micro_batch_size, nograd_rows=0,
                     rows_per_update=global_batch_size, updates=1)
+
+
+def rollout_chunk_prompts(work: Workload, dp: int) -> int:
+    """Prompts in one generate batch on a DP rank (engine.prompt_chunks)."""
+    prompts = work.rollout_prompts // dp
+    if not work.rollout_batch_rows:
+        return prompts
+    return max(1, min(prompts, work.rollout_batch_rows // work.rollout_n))
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -276,10 +288,10 @@ def _stage_memory(m, v, layout: Layout, work: Workload, device: DeviceProfile, s
     last, first = stage == pp - 1, stage == 0
     has_vision = first and v is not None and v.enabled and work.image_patches > 0
 
-    # Rollout: the cache of every row at full length, plus the prefill's largest per-layer transient.
+    # Rollout: the cache of one generate batch's rows at full length, plus its prefill's largest per-layer transient.
     kv_cache = rollout_transient = 0.0
     if work.rollout_prompts:
-        prompts = work.rollout_prompts // dp
+        prompts = rollout_chunk_prompts(work, dp)
         kv_cache = prompts * work.rollout_n * (work.prompt_len + work.max_new_tokens) * kv_token_bytes
         tokens = prompts * work.prompt_len
         rollout_transient = tokens * (m.hidden_size * 3 + 3 * m.ffn_hidden_size / tp) * wb
@@ -322,12 +334,13 @@ def estimate_step_time(m: ModelConfig, v: VisionConfig | None, layout: Layout, w
     if work.rollout_prompts:
         prompts = work.rollout_prompts / dp
         prefill = 2 * (n_lm * prompts * work.prompt_len + n_vision * prompts * work.image_patches)
-        rows = prompts * work.rollout_n
+        chunk = rollout_chunk_prompts(work, dp)
+        chunks = -(-(work.rollout_prompts // dp) // chunk)
         head_dim = m.hidden_size // m.num_attention_heads
         kv_token = 2 * m.num_layers * m.num_query_groups * head_dim * wb
-        mean_kv = rows * (work.prompt_len + work.max_new_tokens / 2) * kv_token
-        # Each decode step reads every weight and the whole cache once; PP stages run one after another.
-        decode = work.max_new_tokens * (n_lm * wb + mean_kv) / tp / (device.hbm_tb_s * 1e12)
+        mean_kv = chunk * work.rollout_n * (work.prompt_len + work.max_new_tokens / 2) * kv_token
+        # Each decode step reads every weight and its chunk's cache once; chunks and PP stages run one after another.
+        decode = chunks * work.max_new_tokens * (n_lm * wb + mean_kv) / tp / (device.hbm_tb_s * 1e12)
         rollout = prefill / model_gpus / peak + decode
     rows = work.rows_per_update * work.updates / dp
     tokens = rows * work.seq_len
@@ -447,11 +460,18 @@ def require_fit(result: Plan) -> list[LayoutPlan]:
         raise PapoError(f"no layout of {result.model} splits over {result.gpus} GPUs ({reasons}); "
                         f"use a GPU count that is a multiple of the tp*pp degrees the model allows")
     best = min(result.layouts, key=lambda p: p.memory.total)
-    need = best.memory.total / GB
+    e = best.memory
+    need = e.total / GB
+    if e.rollout_peak >= e.train_peak:
+        fix = (f"the rollout peaks ({e.kv_cache / GB:.0f} GB KV cache): set rollout.max_batch_rows to decode "
+               f"fewer rows at once, or lower algo.prompts_per_step / rollout.max_new_tokens")
+    else:
+        fix = (f"training peaks ({(e.activations + e.logits) / GB:.0f} GB activations + logits): lower "
+               f"train.micro_batch_size or use --recompute full")
     raise PapoError(
         f"no layout fits: {result.model} ({result.precision}) needs at least {need:.0f} GB per GPU "
-        f"({best.layout}) but {result.device.name} has {result.device.memory_gb:.0f} GB x {GPU_USABLE_FRACTION:.0%} usable; "
-        f"use more GPUs, a smaller batch (algo.prompts_per_step, rollout.n, train.micro_batch_size) or --recompute full"
+        f"({best.layout}) but {result.device.name} has {result.device.memory_gb:.0f} GB x {GPU_USABLE_FRACTION:.0%} "
+        f"usable; {fix}; or use more GPUs"
     )
 
 

@@ -19,6 +19,6 @@
 
 RECIPE_DEFAULT=examples/papo_g_32b.yaml
 PRECISION="${PRECISION-}"
-# Parallel layout: '' keeps the recipe's parallel.* settings; e.g. LAYOUT="parallel.tp_size=8 parallel.pp_size=2".
+# Parallel layout: '' keeps the recipe's parallel.* settings; e.g. LAYOUT="parallel.tp_size=4 parallel.pp_size=2".
 LAYOUT="${LAYOUT-}"
 source "${PAPO_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"

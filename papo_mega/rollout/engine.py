@@ -10,6 +10,9 @@
   the cache (their slots freed), so the cost follows the live rows;
 - image placeholder and vision span tokens are never sampled: a response holding them would not
   line up with any image in the training forward (their log-probs stay unfiltered);
+- with rollout.max_batch_rows, a rank's prompts are decoded in length-sorted chunks of
+  max_batch_rows // G prompts, one after another, each with its own cache: the KV cache and the
+  prefill are bounded by the chunk, not by prompts_per_step (rows come back in prompt order);
 - tokens are drawn on the last pipeline stage from logits gathered over TP and sent to the other
   stages, seeded per (seed, step, DP rank): the same responses at any TP/PP layout.
 """
@@ -132,10 +135,20 @@ class MegatronEngine:
             context.key_value_memory_dict[layer] = (keys[:, rows], values[:, rows])
 
     def generate(self, prompts: list[RolloutPrompt], params: RolloutConfig, seed: int, step: int) -> RolloutBatch:
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
+        generator = rollout_generator(seed, step, self.groups.dp_rank)
+        chunks = prompt_chunks([int(p.input_ids.numel()) for p in prompts], params.n, params.max_batch_rows)
+        if len(chunks) == 1:
+            return self._generate_chunk(prompts, params, generator)
+        # Every rank of a model replica holds the same prompts, so all of them cut the same chunks.
+        parts = [(chunk, self._generate_chunk([prompts[i] for i in chunk], params, generator)) for chunk in chunks]
+        return merge_chunks(parts, self.pad_token_id)
+
+    def _generate_chunk(self, prompts: list[RolloutPrompt], params: RolloutConfig,
+                        generator: torch.Generator) -> RolloutBatch:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
         device, group_size = self.groups.device, params.n
         lengths = [int(p.input_ids.numel()) for p in prompts]
         prompt_len = max(lengths)
@@ -176,7 +189,6 @@ class MegatronEngine:
                                (next_pos[expand][:, None] + torch.arange(max_new)).expand(*prompt_pos.shape[:-2], rows, max_new)
                                if prompt_pos.dim() == 3 else next_pos[expand][:, None] + torch.arange(max_new)], dim=-1)
 
-        generator = rollout_generator(seed, step, self.groups.dp_rank)
         tokens_out = torch.full((rows, max_new), self.pad_token_id, dtype=torch.long)
         logprobs_out = torch.zeros(rows, max_new)
         finish = ["length"] * rows
@@ -217,3 +229,35 @@ class MegatronEngine:
         return RolloutBatch(prompt_index=expand, response_ids=tokens_out.masked_fill(response_mask == 0, self.pad_token_id),
                             response_mask=response_mask, logprobs=logprobs_out * response_mask,
                             lengths=out_len, finish_reason=finish)
+
+
+def prompt_chunks(lengths: list[int], group_size: int, max_batch_rows: int) -> list[list[int]]:
+    """Prompt indices per generate batch: all at once (max_batch_rows 0 or enough), else chunks of
+    max_batch_rows // group_size prompts in order of length, so each chunk pads its prompts to
+    similar lengths (left padding costs prefill compute and cache slots)."""
+    per_chunk = max_batch_rows // group_size if max_batch_rows else len(lengths)
+    if per_chunk >= len(lengths):
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + per_chunk] for i in range(0, len(order), per_chunk)]
+
+
+def merge_chunks(parts: list[tuple[list[int], RolloutBatch]], pad_token_id: int) -> RolloutBatch:
+    """One RolloutBatch from chunk results (chunk = the original indices of its prompts), rows
+    grouped by original prompt order again; responses right-padded to the longest chunk's width."""
+    width = max(batch.response_ids.shape[1] for _, batch in parts)
+
+    def widen(t: torch.Tensor, fill) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
+
+    index = torch.cat([torch.tensor(chunk, dtype=torch.long)[batch.prompt_index] for chunk, batch in parts])
+    order = torch.sort(index, stable=True).indices  # stable: a prompt's G rows keep their sample order
+    finish = [reason for _, batch in parts for reason in batch.finish_reason]
+    return RolloutBatch(
+        prompt_index=index[order],
+        response_ids=torch.cat([widen(b.response_ids, pad_token_id) for _, b in parts])[order],
+        response_mask=torch.cat([widen(b.response_mask, 0.0) for _, b in parts])[order],
+        logprobs=torch.cat([widen(b.logprobs, 0.0) for _, b in parts])[order],
+        lengths=torch.cat([b.lengths for _, b in parts])[order],
+        finish_reason=[finish[i] for i in order.tolist()],
+    )

@@ -93,3 +93,56 @@ def test_cli_prints_table_and_exits_2_without_fit(capsys):
     assert main(["plan", "--model", "qwen2.5-vl-72b", "--gpus", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no layout fits" in err
+
+
+def test_rollout_chunks_bound_the_kv_cache_and_cost_decode_time():
+    """rollout.max_batch_rows = 1/8 of a rank's rows: 1/8 of the KV cache, and the decode reads the
+    weights once per chunk, so the rollout estimate grows."""
+    from papo_mega.plan import estimate_step_time, workload_from_config
+
+    cfg = load_config(None, ["preset=qwen2.5-vl-7b", "algo.prompts_per_step=64", "rollout.n=8"])
+    chunked_cfg = load_config(None, ["preset=qwen2.5-vl-7b", "algo.prompts_per_step=64", "rollout.n=8",
+                                     "rollout.max_batch_rows=16"])  # 2 prompts of a rank's 16 per chunk
+    layout, device = Layout(2, 1, 4), DEVICES["h100-80gb"]
+    whole, chunked = workload_from_config(cfg), workload_from_config(chunked_cfg)
+    e_whole = estimate_memory(cfg.model, cfg.vision, layout, whole, device)
+    e_chunked = estimate_memory(cfg.model, cfg.vision, layout, chunked, device)
+    assert e_chunked.kv_cache == pytest.approx(e_whole.kv_cache / 8)
+    assert e_chunked.rollout_transient < e_whole.rollout_transient
+    assert e_chunked.train_peak == e_whole.train_peak
+    assert estimate_step_time(cfg.model, cfg.vision, layout, chunked, device)[0] > \
+        estimate_step_time(cfg.model, cfg.vision, layout, whole, device)[0]
+
+
+def test_no_fit_error_names_the_term_that_peaks():
+    rollout_bound = ["model.precision=bf16", "algo.prompts_per_step=512", "rollout.n=16", "train.global_batch_size=64"]
+    with pytest.raises(PapoError, match="rollout peaks .*rollout.max_batch_rows"):
+        require_fit(plan("qwen2.5-vl-7b", 1, overrides=rollout_bound, recompute="full"))
+    train_bound = ["model.precision=bf16", "algo.prompts_per_step=8", "train.micro_batch_size=64",
+                   "train.global_batch_size=64"]
+    with pytest.raises(PapoError, match="training peaks .*train.micro_batch_size"):
+        require_fit(plan("qwen2.5-vl-7b", 1, overrides=train_bound))
+
+
+@pytest.mark.parametrize("script", ["papo_3b.sh", "papo_7b.sh", "papo_32b.sh", "papo_72b.sh"])
+def test_every_gpu_script_runs_a_layout_the_planner_says_fits(script):
+    """The shipped Slurm scripts (GPU count from #SBATCH, recipe, precision and layout defaults)
+    ask for a layout that fits H100 80GB by the planner, so a user's first job does not OOM."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from papo_mega.plan import plan_config
+
+    text = (Path(__file__).resolve().parents[2] / "slurm" / script).read_text()
+    nodes = int(re.search(r"^#SBATCH --nodes=(\d+)", text, re.M).group(1))
+    gpus = nodes * int(re.search(r"^#SBATCH --gpus-per-node=(\d+)", text, re.M).group(1))
+    recipe = re.search(r"^RECIPE_DEFAULT=(\S+)", text, re.M).group(1)
+    precision = re.search(r'^PRECISION="\$\{PRECISION-(\w*)\}"', text, re.M).group(1)
+    layout = shlex.split(re.search(r'^LAYOUT="\$\{LAYOUT-([^}]*)\}"', text, re.M).group(1))
+    overrides = layout + ([f"model.precision={precision}"] if precision else [])
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / recipe), overrides)
+    result = plan_config(cfg, gpus, "h100-80gb")
+    chosen = [p for p in result.layouts if (p.layout.tp, p.layout.pp) == (cfg.parallel.tp_size, cfg.parallel.pp_size)]
+    assert chosen, f"{script}: tp{cfg.parallel.tp_size} pp{cfg.parallel.pp_size} is no valid layout on {gpus} GPUs"
+    assert chosen[0].fits, f"{script}: {chosen[0].layout} plans {chosen[0].memory.total / GB:.0f} GB per GPU"
