@@ -10,11 +10,13 @@ from papo_mega.types import ModelInputs
 
 
 def run_schedule(chunks, items: list, forward_step, seq_length: int, micro_batch_size: int,
-                 forward_only: bool = True) -> list:
+                 forward_only: bool = True, refresh_fp8_weights: bool = True) -> list:
     """megatron-core's pipeline schedule over `items` (one per micro-batch) on this rank's chunks.
 
     Every stage receives the same item list; the returned per-micro-batch reports exist on the
-    last pipeline stage only (empty elsewhere).
+    last pipeline stage only (empty elsewhere). refresh_fp8_weights=False (forward-only) keeps
+    Transformer Engine's cached fp8 weight copies from the previous call instead of casting the
+    weights again at the first micro-batch: for decode steps between which no weight changes.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -28,6 +30,8 @@ def run_schedule(chunks, items: list, forward_step, seq_length: int, micro_batch
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
+        # None: megatron's default (set_is_first_microbatch at micro-batch 0, i.e. cast again).
+        first_val_step=None if refresh_fp8_weights or not forward_only else False,
     )
 
 

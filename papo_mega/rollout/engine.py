@@ -13,6 +13,7 @@
 - with rollout.max_batch_rows, a rank's prompts are decoded in length-sorted chunks of
   max_batch_rows // G prompts, one after another, each with its own cache: the KV cache and the
   prefill are bounded by the chunk, not by prompts_per_step (rows come back in prompt order);
+- with fp8, weights are cast once per prefill and the decode steps reuse TE's cached copies;
 - tokens are drawn on the last pipeline stage from logits gathered over TP and sent to the other
   stages, seeded per (seed, step, DP rank): the same responses at any TP/PP layout.
 """
@@ -85,12 +86,16 @@ class MegatronEngine:
                      pixel_values=None if pixel_values is None else pixel_values.to(device),
                      image_grid_thw=None if image_grid_thw is None else image_grid_thw.to(device))
         rows, seq = input_ids.shape
+        # fp8 weight caching: megatron's Transformer Engine layers cast their weights to fp8 on the
+        # first forward after set_is_first_microbatch() and reuse that copy until the next one. The
+        # weights do not change during a generate call, so only the prefill casts; decode steps reuse.
+        prefill = context.sequence_len_offset == 0
         if groups.layout.pp_size == 1 and len(self.chunks) == 1:
             # One stage, one micro-batch: the forward-only schedule would only call the chunk
             # (after the fp8 first-micro-batch flag, kept here); calling it directly saves its
             # bookkeeping, and lets a decode step run outside CPU mode (_without_cpu_device_mode).
             chunk = self.chunks[0]
-            if hasattr(chunk, "set_is_first_microbatch"):
+            if prefill and hasattr(chunk, "set_is_first_microbatch"):
                 chunk.set_is_first_microbatch()
             suspend = context.sequence_len_offset > 0 and groups.layout.tp_size == 1
             with torch.no_grad(), _without_cpu_device_mode(suspend):
@@ -112,7 +117,8 @@ class MegatronEngine:
             return output, collect
 
         with torch.no_grad():
-            out = run_schedule(self.chunks, [batch], forward_step, seq_length=seq, micro_batch_size=rows)
+            out = run_schedule(self.chunks, [batch], forward_step, seq_length=seq, micro_batch_size=rows,
+                               refresh_fp8_weights=prefill)
         logits = out[0]["logits"] if out else torch.empty(rows, vocab, device=device)
         context.sequence_len_offset += seq
         return logits

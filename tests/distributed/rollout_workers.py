@@ -79,3 +79,24 @@ def hf_greedy(hf_dir: str, prompts: list[RolloutPrompt], model_cfg, max_new_toke
                 bad_words_ids=[[t] for t in banned])
         out.append(generated[0, ids.shape[1] :].tolist())
     return out
+
+
+def count_fp8_weight_refreshes(ckpt_dir: str, layout: dict, rollout: dict) -> list[int]:
+    """How often the engine asks Transformer Engine to re-cast weights (set_is_first_microbatch,
+    what megatron's TE layers key their fp8 weight cache on) during one generate call, per chunk
+    of this rank: the prefill of each prompt chunk should, decode steps should not."""
+    from papo_mega.distributed import init_distributed
+    from papo_mega.model_dir import load_model_dir
+    from papo_mega.rollout.engine import MegatronEngine
+
+    groups = init_distributed(layout, seed=99)
+    chunks, _, model, vision = load_model_dir(ckpt_dir, groups, precision="fp32")
+    calls = []
+    for chunk in chunks:
+        chunk.eval()
+        chunk.set_is_first_microbatch = lambda: calls.append(1)  # CPU has no TE: count instead of cast
+    engine = MegatronEngine(chunks, groups, model, vision.spatial_merge_size, [], PAD_ID)
+    engine.generate(probe_prompts(model, vision), RolloutConfig(**rollout), seed=0, step=0)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, len(calls))
+    return gathered if dist.get_rank() == 0 else None

@@ -11,7 +11,12 @@ import torch
 from papo_mega.convert.hf_to_mcore import read_metadata
 from tests.distributed.harness import run_distributed
 from tests.distributed.hf_fixtures import make_tiny_hf
-from tests.distributed.rollout_workers import generate_at_layout, hf_greedy, probe_prompts
+from tests.distributed.rollout_workers import (
+    count_fp8_weight_refreshes,
+    generate_at_layout,
+    hf_greedy,
+    probe_prompts,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_NEW = 16
@@ -102,3 +107,13 @@ def test_chunked_sampling_keeps_groups_and_logprobs(converted, layout, world):
     assert mask.sum() > 0
     assert (out["logprobs"] - out["recomputed"]).abs()[mask].max().item() < 1e-4
     assert len({tuple(row) for row in out["tokens"].tolist()}) > 3, "chunks drew the same samples"
+
+
+@pytest.mark.parametrize("layout,world,rows,prefills", [({}, 1, 0, 1), ({}, 1, 1, 2), ({"pp_size": 2}, 2, 0, 1)],
+                         ids=["tp1", "tp1-chunks", "pp2"])
+def test_fp8_weights_are_cast_at_prefill_only(converted, layout, world, rows, prefills):
+    """Weight caching for rollout: the fp8 weight copies are refreshed once per prefill (per chunk),
+    and the MAX_NEW - 1 decode steps reuse them, on every pipeline stage."""
+    greedy = dict(n=1, temperature=0.0, max_new_tokens=MAX_NEW, max_batch_rows=rows)
+    counts = run_distributed(count_fp8_weight_refreshes, world, args=(str(converted[1]), layout, greedy))[0]
+    assert counts == [prefills] * world
