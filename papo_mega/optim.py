@@ -11,6 +11,7 @@ import torch
 
 from papo_mega.config import TrainConfig
 from papo_mega.distributed.runtime import ParallelGroups
+from papo_mega.models.gpt import PARAM_DTYPES
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], groups: ParallelGroups, use_distributed_optimizer: bool):
@@ -52,8 +53,11 @@ def build_optimizer(chunks, train: TrainConfig, use_distributed_optimizer: bool,
         clip_grad=train.grad_clip,
         # Each param group carries min_lr; the scheduler's cosine reads it from there.
         min_lr=train.min_lr,
-        bf16=precision == "bf16",
-        params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        # fp8 models keep bf16 parameters (TE casts GEMM inputs), so fp8 is bf16 here too: megatron
+        # then steps fp32 master copies; with bf16=False and no distributed optimizer it would
+        # step the bf16 parameters themselves and lose small updates.
+        bf16=PARAM_DTYPES[precision] == torch.bfloat16,
+        params_dtype=PARAM_DTYPES[precision],
         use_distributed_optimizer=use_distributed_optimizer,
     )
     return get_megatron_optimizer(config, chunks, use_gloo_process_groups=False)

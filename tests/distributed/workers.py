@@ -147,3 +147,13 @@ def vlm_loss_and_grads(layout: dict):
     loss = forward_backward(chunks, [mb.to(groups.device) for mb in vlm_microbatches(cfg.model, cfg.vision, 4)], groups)
     grads = gather_full_tensors(chunks, groups, kind="grad")
     return {"loss": loss, "grads": grads} if dist.get_rank() == 0 else None
+
+
+def optimizer_step_dtypes(precision: str, distopt: bool) -> list[str]:
+    """dtypes of the tensors Adam steps, for a bf16-parameter model (what bf16 and fp8 build) with
+    the optimizer built for `precision`: fp32 master copies are what keep small updates."""
+    groups, model_cfg, chunks = _setup({}, {"precision": "bf16"}, distopt)
+    optimizer = build_optimizer(chunks, TrainConfig(**TINY_TRAIN), distopt, precision)
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    dtypes = {str(p.dtype) for opt in inner for group in opt.optimizer.param_groups for p in group["params"]}
+    return sorted(dtypes)
