@@ -111,11 +111,12 @@ def _timed(plan: DemoPlan, stage: str, skip: bool, work) -> None:
 
 
 def _rl_done(cfg: Config) -> bool:
-    from papo_mega.checkpoint import latest_checkpoint
+    from papo_mega.checkpoint import latest_checkpoint, read_marker
 
     latest = latest_checkpoint(cfg.run.run_dir)
     final = Path(cfg.run.run_dir) / "final" / "papo_model.json"
-    return final.is_file() and latest is not None and int(latest.name.split("_")[-1]) >= cfg.train.steps
+    # The completion marker records the step (latest_checkpoint only returns marked directories).
+    return final.is_file() and latest is not None and read_marker(latest)["step"] >= cfg.train.steps
 
 
 def eval_history(run_dir: str | Path) -> list[dict]:
