@@ -53,7 +53,10 @@ def evaluate(engine, tokenizer, cfg: Config, groups: ParallelGroups, shards: str
              max_samples: int | None = None, batch_prompts: int = 8, views: tuple[str, ...] = EVAL_VIEWS,
              show_progress: bool = True) -> dict:
     """Accuracy tables on every rank (DP ranks split the questions; sums are all-gathered)."""
-    params = replace(cfg.rollout, n=k)
+    # k answers per question; a chunk holds at least one question's k rows (rollout.max_batch_rows < k
+    # would otherwise be refused mid-training, e.g. n=5 chunks of 5 with eval_k=8).
+    rows = cfg.rollout.max_batch_rows and max(cfg.rollout.max_batch_rows, k)
+    params = replace(cfg.rollout, n=k, max_batch_rows=rows)
     if max_samples is not None:  # a total over data-parallel ranks, which split the questions
         dp, rank = groups.layout.dp_size, groups.dp_rank
         max_samples = max_samples // dp + (1 if rank < max_samples % dp else 0)

@@ -62,3 +62,14 @@ def test_eval_bad_data_path_is_one_line(model_and_data, tmp_path):
     proc = _run("eval", "--ckpt", str(model_and_data / "model"), "--data", str(tmp_path / "nowhere"), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "make_synthetic" in proc.stderr
+
+
+def test_eval_with_rollout_chunks_smaller_than_k(model_and_data, tmp_path):
+    """rollout.max_batch_rows below --k (a recipe's chunking for n=1) still evaluates: a chunk
+    holds at least one question's k answers."""
+    root = model_and_data
+    proc = _run("eval", "--ckpt", str(root / "model"), "--data", str(root / "data"), "--k", "2",
+                "--max-samples", "3", "--out", str(tmp_path), "rollout.max_new_tokens=4", "rollout.n=1",
+                "rollout.max_batch_rows=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["questions"] == 3
