@@ -43,6 +43,8 @@ GPUS_PER_NODE = 8
 GPU_USABLE_FRACTION = 0.92
 """Share of GPU memory a layout may plan for: CUDA context, NCCL buffers and allocator fragmentation take the rest."""
 RECOMPUTE = ("none", "selective", "full")
+STEP_TIME_TIE = 0.02
+"""Estimated step times closer than this (relative) count as equal when ranking layouts."""
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,12 @@ class Layout:
     tp: int
     pp: int
     dp: int
+    vpp: int = 1
+    """Virtual pipeline chunks per pipeline rank (interleaved 1F1B; 1 = plain 1F1B)."""
 
     def __str__(self) -> str:
-        return f"tp{self.tp} pp{self.pp} dp{self.dp}"
+        vpp = f" vpp{self.vpp}" if self.vpp > 1 else ""
+        return f"tp{self.tp} pp{self.pp}{vpp} dp{self.dp}"
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,14 @@ class Plan:
 
     @property
     def fitting(self) -> list[LayoutPlan]:
-        return sorted((p for p in self.layouts if p.fits), key=lambda p: (p.step_s, p.memory.total))
+        """Fitting layouts, fastest first; those within STEP_TIME_TIE of the fastest (which the
+        estimate cannot tell apart) ordered by memory, so a vpp variant with no real gain and more
+        activations does not win on a rounding difference."""
+        fits = sorted((p for p in self.layouts if p.fits), key=lambda p: (p.step_s, p.memory.total))
+        if not fits:
+            return []
+        near = sorted((p for p in fits if p.step_s <= fits[0].step_s * (1 + STEP_TIME_TIE)), key=lambda p: p.memory.total)
+        return near + fits[len(near):]
 
 
 # -- parameter counts ------------------------------------------------------------------------------
@@ -189,9 +201,9 @@ def vision_params(v: VisionConfig, out_hidden: int, tp: int) -> int:
     return numel(vision_shapes(v, out_hidden, tp))
 
 
-def stage_params(m: ModelConfig, v: VisionConfig | None, tp: int, pp: int, stage: int) -> int:
-    """Trainable parameters on one rank of pipeline stage `stage`."""
-    return numel(rank_shapes(m, v, tp, pp, stage))
+def stage_params(m: ModelConfig, v: VisionConfig | None, tp: int, pp: int, stage: int, vpp: int = 1) -> int:
+    """Trainable parameters on one rank of pipeline stage `stage` (its vpp model chunks together)."""
+    return numel(rank_shapes(m, v, tp, pp, stage, vpp))
 
 
 def total_params(m: ModelConfig, v: VisionConfig | None) -> int:
@@ -231,6 +243,18 @@ def rollout_chunk_prompts(work: Workload, dp: int) -> int:
     if not work.rollout_batch_rows:
         return prompts
     return max(1, min(prompts, work.rollout_batch_rows // work.rollout_n))
+
+
+def in_flight_microbatches(layout: Layout, stage: int, microbatches: int) -> float:
+    """Micro-batches whose activations a pipeline rank holds at its peak, in units of a whole stage's
+    layers. 1F1B: stage s runs pp - s forwards before its first backward. Interleaved (vpp > 1):
+    megatron's warm-up is 2 (pp - s - 1) + (vpp - 1) pp model-chunk forwards, plus the one in
+    progress, each holding 1/vpp of the stage's layers."""
+    pp, vpp = layout.pp, layout.vpp
+    if vpp == 1:
+        return min(pp - stage, microbatches)
+    chunks = min(2 * (pp - stage - 1) + (vpp - 1) * pp + 1, microbatches * vpp)
+    return chunks / vpp
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -273,7 +297,7 @@ def _stage_memory(m, v, layout: Layout, work: Workload, device: DeviceProfile, s
                   distributed_optimizer: bool, recompute: str) -> MemoryEstimate:
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     wb = param_bytes(m.precision)
-    params = stage_params(m, v, tp, pp, stage)
+    params = stage_params(m, v, tp, pp, stage, layout.vpp)
     layers = m.num_layers // pp
     weights = params * wb
     grads = params * 4  # grad_reduce_in_fp32: fp32 main_grad buffers whatever the param dtype
@@ -300,7 +324,6 @@ def _stage_memory(m, v, layout: Layout, work: Workload, device: DeviceProfile, s
 
     # Training: activations of the micro-batches in flight on this stage (1F1B), no-grad forwards are transient.
     microbatches = max(1, work.rows_per_update // dp // work.micro_batch_rows)
-    in_flight = min(pp - stage, microbatches)
     tokens = work.micro_batch_rows * work.seq_len
     per_mb = tokens * layers * token_layer_activation(m, tp, recompute) * wb
     if device.attention_stores_scores and recompute != "full":
@@ -311,7 +334,7 @@ def _stage_memory(m, v, layout: Layout, work: Workload, device: DeviceProfile, s
     if has_vision:
         per_mb += (work.micro_batch_rows * work.image_patches * v.depth
                    * vision_token_activation(v, tp, recompute) * wb)
-    activations = in_flight * per_mb
+    activations = in_flight_microbatches(layout, stage, microbatches) * per_mb
     logits = 0.0
     if last:
         # logits (param dtype) + fp32 copy for the log-softmax + its fp32 gradient, for one micro-batch.
@@ -351,7 +374,7 @@ def estimate_step_time(m: ModelConfig, v: VisionConfig | None, layout: Layout, w
     flops += 2 * (n_lm * tokens + n_vision * rows * work.image_patches) * (work.nograd_views + work.reference)
     train = flops / model_gpus / peak
     microbatches = max(1, work.rows_per_update // dp // work.micro_batch_rows)
-    train *= 1 + (pp - 1) / microbatches
+    train *= 1 + (pp - 1) / (microbatches * layout.vpp)  # the (interleaved) 1F1B bubble
     if tp > 1:
         # 4 all-reduces of [tokens, hidden] per layer per forward+backward (2 for no-grad forwards).
         volume = tokens * m.hidden_size * wb * m.num_layers / pp * (4 + 2 * (work.nograd_views + work.reference))
@@ -360,21 +383,23 @@ def estimate_step_time(m: ModelConfig, v: VisionConfig | None, layout: Layout, w
 
 
 # -- layouts and the plan -------------------------------------------------------------------------
-def candidate_layouts(m: ModelConfig, v: VisionConfig | None, gpus: int, work: Workload | None = None
-                      ) -> tuple[list[Layout], dict[str, str]]:
-    """Every tp*pp*dp = gpus split papo_mega can build (layout.py and vision.py rules), and why others fail."""
+def candidate_layouts(m: ModelConfig, v: VisionConfig | None, gpus: int, work: Workload | None = None,
+                      vpps: tuple[int, ...] = (1,)) -> tuple[list[Layout], dict[str, str]]:
+    """Every tp*pp*dp = gpus split papo_mega can build (layout.py and vision.py rules), each pipelined
+    one with every virtual-pipeline size in `vpps`, and why others fail."""
     from papo_mega.distributed.layout import ParallelLayout
     from papo_mega.errors import LayoutError
     from papo_mega.models.vision import check_vision_layout
 
     valid, rejected = [], {}
     for tp in (d for d in range(1, gpus + 1) if gpus % d == 0):
-        for pp in (d for d in range(1, gpus // tp + 1) if (gpus // tp) % d == 0):
-            layout = Layout(tp, pp, gpus // tp // pp)
+        for pp, vpp in ((d, c) for d in range(1, gpus // tp + 1) if (gpus // tp) % d == 0
+                        for c in vpps if c == 1 or d > 1):
+            layout = Layout(tp, pp, gpus // tp // pp, vpp)
             try:
                 if tp > GPUS_PER_NODE:
                     raise LayoutError(f"tp_size={tp} spans nodes; keep tensor parallelism within {GPUS_PER_NODE} GPUs")
-                par = ParallelLayout(tp_size=tp, pp_size=pp, world_size=gpus)
+                par = ParallelLayout(tp_size=tp, pp_size=pp, vpp_size=vpp if vpp > 1 else None, world_size=gpus)
                 par.check_model(num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
                                 num_query_groups=m.num_query_groups, vocab_size=m.padded_vocab_size)
                 if v is not None and v.enabled:
@@ -397,6 +422,9 @@ def _check_batch(work: Workload, layout: Layout) -> None:
         raise LayoutError(f"algo.prompts_per_step={work.rollout_prompts} is not divisible by dp={layout.dp}")
     if work.rows_per_update % layout.dp:
         raise LayoutError(f"train.global_batch_size={work.rows_per_update} is not divisible by dp={layout.dp}")
+    microbatches = work.rows_per_update // layout.dp // work.micro_batch_rows
+    if layout.vpp > 1 and microbatches % layout.pp:
+        raise LayoutError(f"interleaved pipelining needs micro-batches ({microbatches}) divisible by pp={layout.pp}")
 
 
 def device_profile(name: str, precision: str) -> DeviceProfile:
@@ -419,7 +447,10 @@ def plan_config(cfg: Config, gpus: int, device_name: str = "h100-80gb", recomput
     device = device_profile(device_name, cfg.model.precision)
     m, v = cfg.model, cfg.vision if cfg.vision.enabled else None
     work = workload_from_config(cfg)
-    layouts, rejected = candidate_layouts(m, v, gpus, work)
+    # Interleaved pipelining is an option of every pipelined layout for jobs without a rollout (the
+    # rollout engine cannot run megatron's interleaved schedule: Config.check_algorithm).
+    vpps = (1,) if work.rollout_prompts else tuple(sorted({1, 2, cfg.parallel.vpp_size or 1}))
+    layouts, rejected = candidate_layouts(m, v, gpus, work, vpps)
     budget = device.memory_gb * GB * GPU_USABLE_FRACTION
     plans = []
     for layout in layouts:
@@ -482,13 +513,13 @@ def format_plan(result: Plan, top: int = 5) -> str:
               ")")
     cols = ("layout", "stage", "weights", "grads", "optim", "ref", "kv", "act+logits", "rollout_pk", "train_pk",
             "peak GB", "fits", "step s*")
-    lines = [header, "  ".join(f"{c:>10}" for c in cols)]
+    lines = [header, "  ".join(f"{c:>16}" if i == 0 else f"{c:>10}" for i, c in enumerate(cols))]
     for p in order:
         e = p.memory
         row = (str(p.layout), str(e.stage), *(f"{x / GB:.1f}" for x in (e.weights, e.grads, e.optimizer, e.reference,
                e.kv_cache, e.activations + e.logits, e.rollout_peak, e.train_peak, e.total)),
                "yes" if p.fits else "no", f"{p.step_s:.0f}")
-        lines.append("  ".join(f"{c:>10}" for c in row))
+        lines.append("  ".join(f"{c:>16}" if i == 0 else f"{c:>10}" for i, c in enumerate(row)))
     lines.append("* estimated step time (rollout + updates) at "
                  f"{MODEL_FLOPS_UTILISATION:.0%} MFU; memory is the busiest pipeline stage, GB = 1e9 bytes")
     fitting = result.fitting

@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from papo_mega.config import ModelConfig, RolloutConfig
+from papo_mega.config import ROLLOUT_VPP_ERROR, ModelConfig, RolloutConfig
 from papo_mega.distributed.runtime import ParallelGroups
 from papo_mega.errors import PapoError
 from papo_mega.models.forward import run_schedule
@@ -67,6 +67,8 @@ class MegatronEngine:
 
     def __init__(self, chunks, groups: ParallelGroups, model: ModelConfig, spatial_merge_size: int,
                  stop_token_ids: list[int], pad_token_id: int, decode: Callable[[list[int]], str] | None = None):
+        if len(chunks) > 1:
+            raise PapoError(ROLLOUT_VPP_ERROR.format(vpp=len(chunks)))
         self.chunks = chunks
         self.groups = groups
         self.model = model

@@ -143,6 +143,50 @@ def test_every_gpu_script_runs_a_layout_the_planner_says_fits(script):
     overrides = layout + ([f"model.precision={precision}"] if precision else [])
     cfg = load_config(str(Path(__file__).resolve().parents[2] / recipe), overrides)
     result = plan_config(cfg, gpus, "h100-80gb")
-    chosen = [p for p in result.layouts if (p.layout.tp, p.layout.pp) == (cfg.parallel.tp_size, cfg.parallel.pp_size)]
+    want = (cfg.parallel.tp_size, cfg.parallel.pp_size, cfg.parallel.vpp_size or 1)
+    chosen = [p for p in result.layouts if (p.layout.tp, p.layout.pp, p.layout.vpp) == want]
     assert chosen, f"{script}: tp{cfg.parallel.tp_size} pp{cfg.parallel.pp_size} is no valid layout on {gpus} GPUs"
     assert chosen[0].fits, f"{script}: {chosen[0].layout} plans {chosen[0].memory.total / GB:.0f} GB per GPU"
+
+
+def test_interleaved_pipeline_holds_more_activations_and_shrinks_the_bubble():
+    """vpp: megatron's interleaved warm-up, 2 (pp - s - 1) + (vpp - 1) pp + 1 chunk forwards of
+    1/vpp of the stage each, against pp - s whole-stage forwards for plain 1F1B."""
+    from papo_mega.plan import estimate_step_time, in_flight_microbatches
+
+    assert in_flight_microbatches(Layout(1, 4, 1), 0, 16) == 4
+    assert in_flight_microbatches(Layout(1, 4, 1), 3, 16) == 1
+    assert in_flight_microbatches(Layout(1, 4, 1, vpp=2), 0, 16) == (6 + 4 + 1) / 2
+    assert in_flight_microbatches(Layout(1, 4, 1, vpp=2), 3, 16) == (0 + 4 + 1) / 2
+    assert in_flight_microbatches(Layout(1, 4, 1, vpp=2), 0, 2) == 2  # capped by the micro-batches there are
+    work = lm_workload(seq_len=32, micro_batch_size=1, global_batch_size=8)
+    plain = estimate_memory(SMALL, None, Layout(1, 2, 1), work, DEVICES["h100-80gb"])
+    interleaved = estimate_memory(SMALL, None, Layout(1, 2, 1, vpp=2), work, DEVICES["h100-80gb"])
+    assert interleaved.params == plain.params and interleaved.weights == plain.weights
+    assert interleaved.activations == pytest.approx(plain.activations * (2 + 2 + 1) / 2 / 2)
+    assert estimate_step_time(SMALL, None, Layout(1, 2, 1, vpp=2), work, DEVICES["h100-80gb"])[1] < \
+        estimate_step_time(SMALL, None, Layout(1, 2, 1), work, DEVICES["h100-80gb"])[1]
+
+
+def test_vpp_layouts_are_offered_where_layers_and_micro_batches_allow():
+    work = lm_workload(seq_len=32, micro_batch_size=1, global_batch_size=8)
+    valid, rejected = candidate_layouts(SMALL, None, 4, work, vpps=(1, 2))
+    names = {str(layout) for layout in valid}
+    assert "tp1 pp2 vpp2 dp2" in names and "tp1 pp4 dp1" in names and "tp1 pp1 dp4" in names
+    assert "tp1 pp1 vpp2 dp4" not in names  # interleaving needs a pipeline
+    assert "not divisible by pp_size*vpp_size = 8" in rejected["tp1 pp4 vpp2 dp1"]  # 4 layers, 8 chunks
+    odd = lm_workload(seq_len=32, micro_batch_size=2, global_batch_size=6)  # 3 micro-batches at dp1
+    valid, rejected = candidate_layouts(SMALL, None, 2, odd, vpps=(1, 2))
+    assert "micro-batches (3) divisible by pp=2" in rejected["tp1 pp2 vpp2 dp1"]
+    assert "tp1 pp2 dp1" in {str(layout) for layout in valid}
+
+
+def test_rl_jobs_get_no_vpp_layouts_and_a_vpp_recipe_is_refused():
+    """The rollout runs one micro-batch per forward, which megatron's interleaved schedule refuses."""
+    from papo_mega.plan import plan_config
+
+    cfg = load_config(None, ["preset=tiny", "train.micro_batch_size=1", "train.global_batch_size=8"])
+    assert all(p.layout.vpp == 1 for p in plan_config(cfg, 4, "cpu").layouts)
+    vpp = load_config(None, ["preset=tiny", "parallel.pp_size=2", "parallel.vpp_size=2"])
+    with pytest.raises(ConfigError, match="parallel.vpp_size=2: RL training .* unset parallel.vpp_size"):
+        vpp.check_algorithm()
