@@ -248,12 +248,6 @@ class LossConfig:
         return self.prcp_coef > 0 or self.masked_entropy_coef > 0 or self.masked_grad
 
 
-ROLLOUT_VPP_ERROR = (
-    "parallel.vpp_size={vpp}: RL training and evaluation generate with one micro-batch per forward, and "
-    "megatron's interleaved pipeline schedule needs at least pp_size micro-batches; unset parallel.vpp_size "
-    "(sft and smoke jobs support it)")
-
-
 @dataclass
 class RolloutConfig:
     """Sampling G responses per prompt on the training model (docs/rollout.md)."""
@@ -414,8 +408,6 @@ class Config:
     def check_algorithm(self, dp_size: int = 1) -> None:
         """The algorithm's structural switches agree with the loss weights and batch sizes."""
         name, loss = self.algo.name, self.loss
-        if (self.parallel.vpp_size or 1) > 1:
-            raise ConfigError(ROLLOUT_VPP_ERROR.format(vpp=self.parallel.vpp_size))
         if name in ("grpo", "dapo") and (loss.prcp_coef or loss.masked_entropy_coef):
             raise ConfigError(f"algo.name={name} has no perception terms; set loss.prcp_coef=0 and "
                               f"loss.masked_entropy_coef=0, or use papo_{name[0]}")

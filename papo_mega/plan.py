@@ -447,9 +447,8 @@ def plan_config(cfg: Config, gpus: int, device_name: str = "h100-80gb", recomput
     device = device_profile(device_name, cfg.model.precision)
     m, v = cfg.model, cfg.vision if cfg.vision.enabled else None
     work = workload_from_config(cfg)
-    # Interleaved pipelining is an option of every pipelined layout for jobs without a rollout (the
-    # rollout engine cannot run megatron's interleaved schedule: Config.check_algorithm).
-    vpps = (1,) if work.rollout_prompts else tuple(sorted({1, 2, cfg.parallel.vpp_size or 1}))
+    # Interleaved pipelining as an option of every pipelined layout: vpp 2, and the recipe's own size.
+    vpps = tuple(sorted({1, 2, cfg.parallel.vpp_size or 1}))
     layouts, rejected = candidate_layouts(m, v, gpus, work, vpps)
     budget = device.memory_gb * GB * GPU_USABLE_FRACTION
     plans = []

@@ -13,6 +13,8 @@
 - with rollout.max_batch_rows, a rank's prompts are decoded in length-sorted chunks of
   max_batch_rows // G prompts, one after another, each with its own cache: the KV cache and the
   prefill are bounded by the chunk, not by prompts_per_step (rows come back in prompt order);
+- with interleaved pipelining (vpp > 1) the forward walks the model chunks itself
+  (`_forward_virtual_chunks`): megatron's interleaved schedule needs >= pp micro-batches per call;
 - with fp8, weights are cast once per prefill and the decode steps reuse TE's cached copies;
 - tokens are drawn on the last pipeline stage from logits gathered over TP and sent to the other
   stages, seeded per (seed, step, DP rank): the same responses at any TP/PP layout.
@@ -27,7 +29,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from papo_mega.config import ROLLOUT_VPP_ERROR, ModelConfig, RolloutConfig
+from papo_mega.config import ModelConfig, RolloutConfig
 from papo_mega.distributed.runtime import ParallelGroups
 from papo_mega.errors import PapoError
 from papo_mega.models.forward import run_schedule
@@ -67,8 +69,6 @@ class MegatronEngine:
 
     def __init__(self, chunks, groups: ParallelGroups, model: ModelConfig, spatial_merge_size: int,
                  stop_token_ids: list[int], pad_token_id: int, decode: Callable[[list[int]], str] | None = None):
-        if len(chunks) > 1:
-            raise PapoError(ROLLOUT_VPP_ERROR.format(vpp=len(chunks)))
         self.chunks = chunks
         self.groups = groups
         self.model = model
@@ -107,6 +107,11 @@ class MegatronEngine:
             context.sequence_len_offset += seq
             return output[:, -1, :vocab].float().contiguous()
 
+        if len(self.chunks) > 1:
+            logits = self._forward_virtual_chunks(context, batch, prefill)
+            context.sequence_len_offset += seq
+            return logits
+
         def forward_step(data_iterator, model):
             item = next(data_iterator)
             output = model(item["input_ids"], item["position_ids"], attention_mask=item["attention_mask"],
@@ -123,6 +128,36 @@ class MegatronEngine:
                                refresh_fp8_weights=prefill)
         logits = out[0]["logits"] if out else torch.empty(rows, vocab, device=device)
         context.sequence_len_offset += seq
+        return logits
+
+    def _forward_virtual_chunks(self, context, batch: dict, prefill: bool) -> torch.Tensor:
+        """One micro-batch through an interleaved (vpp > 1) pipeline, model chunk by model chunk:
+        virtual stage v*pp + r runs chunk v of pipeline rank r, receiving from the previous rank
+        (rank pp-1 hands over to rank 0 between chunks) and sending to the next. megatron's
+        interleaved schedule cannot do this: it needs at least pp micro-batches per call."""
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+        from megatron.core.utils import get_attr_wrapped_model, get_model_config
+
+        groups, vocab = self.groups, self.model.vocab_size
+        pp, rank, vpp = groups.layout.pp_size, groups.pp_rank, len(self.chunks)
+        rows, seq = batch["input_ids"].shape
+        config = get_model_config(self.chunks[0])
+        comm = P2PCommunicator(groups.pp, config)
+        shape = (seq, rows, config.hidden_size)
+        logits = torch.empty(rows, vocab, device=groups.device)
+        with torch.no_grad():
+            for v, chunk in enumerate(self.chunks):
+                first, last = v == 0 and rank == 0, v == vpp - 1 and rank == pp - 1
+                if prefill and hasattr(chunk, "set_is_first_microbatch"):
+                    chunk.set_is_first_microbatch()
+                get_attr_wrapped_model(chunk, "set_input_tensor")(comm.recv_forward(shape, is_first_stage=first))
+                output = chunk(batch["input_ids"], batch["position_ids"], attention_mask=batch["attention_mask"],
+                               pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                               inference_context=context)
+                if last:
+                    logits = output[:, -1, :vocab].float().contiguous()
+                else:
+                    comm.send_forward(output, is_last_stage=False)
         return logits
 
     def _share_last_stage(self, *tensors: torch.Tensor) -> list[torch.Tensor]:

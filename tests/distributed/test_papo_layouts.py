@@ -20,6 +20,7 @@ LAYOUTS = {
     "tp1_four_microbatches": ({}, 1, 2),
     "tp2": ({"tp_size": 2}, 2, 4),
     "pp2_four_microbatches": ({"pp_size": 2}, 2, 2),
+    "pp2_vpp2_four_microbatches": ({"pp_size": 2, "vpp_size": 2}, 2, 2),
     "dp2_two_microbatches": ({}, 2, 2),
     "tp2_pp2": ({"tp_size": 2, "pp_size": 2}, 4, 2),
 }

@@ -49,7 +49,8 @@ def test_greedy_equals_transformers_generate(converted, layout, world):
     assert out["tokens"].tolist() == expected
 
 
-@pytest.mark.parametrize("layout,world", [({"tp_size": 2}, 2), ({"pp_size": 2}, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("layout,world", [({"tp_size": 2}, 2), ({"pp_size": 2}, 2), ({"pp_size": 2, "vpp_size": 2}, 2)],
+                         ids=["tp2", "pp2", "pp2vpp2"])
 def test_sampling_is_the_same_at_every_layout(converted, sampled_tp1, layout, world):
     out = run_distributed(generate_at_layout, world, args=(str(converted[1]), layout, SAMPLING, 7, []))[0]
     assert out["tokens"].tolist() == sampled_tp1["tokens"].tolist()
