@@ -121,6 +121,12 @@ class Workload:
     reference: bool = False
     nograd_views: int = 0
     """Rows multiplier of the no-grad old-policy forward (1 original, 2 with the masked view; 0 none)."""
+    micro_batch_responses: int = 0
+    """Responses per training micro-batch (train.micro_batch_size; 0: micro_batch_rows)."""
+
+    def microbatches(self, dp: int) -> int:
+        """Training micro-batches per optimizer update on one DP rank."""
+        return max(1, self.rows_per_update // dp // (self.micro_batch_responses or self.micro_batch_rows))
 
 
 @dataclass(frozen=True)
@@ -227,7 +233,7 @@ def workload_from_config(cfg: Config) -> Workload:
         rollout_prompts=cfg.algo.prompts_per_step, rollout_n=cfg.rollout.n,
         rollout_batch_rows=cfg.rollout.max_batch_rows, prompt_len=cfg.data.max_prompt_len,
         max_new_tokens=cfg.rollout.max_new_tokens, image_patches=patches, reference=cfg.loss.kl_coef > 0,
-        nograd_views=views,
+        nograd_views=views, micro_batch_responses=cfg.train.micro_batch_size,
     )
 
 
@@ -323,7 +329,7 @@ def _stage_memory(m, v, layout: Layout, work: Workload, device: DeviceProfile, s
             rollout_transient += prompts * work.image_patches * (3 * v.hidden_size + 3 * v.intermediate_size / tp) * wb
 
     # Training: activations of the micro-batches in flight on this stage (1F1B), no-grad forwards are transient.
-    microbatches = max(1, work.rows_per_update // dp // work.micro_batch_rows)
+    microbatches = work.microbatches(dp)
     tokens = work.micro_batch_rows * work.seq_len
     per_mb = tokens * layers * token_layer_activation(m, tp, recompute) * wb
     if device.attention_stores_scores and recompute != "full":
@@ -373,7 +379,7 @@ def estimate_step_time(m: ModelConfig, v: VisionConfig | None, layout: Layout, w
     # No-grad forwards: old policy (x views) and the reference.
     flops += 2 * (n_lm * tokens + n_vision * rows * work.image_patches) * (work.nograd_views + work.reference)
     train = flops / model_gpus / peak
-    microbatches = max(1, work.rows_per_update // dp // work.micro_batch_rows)
+    microbatches = work.microbatches(dp)
     train *= 1 + (pp - 1) / (microbatches * layout.vpp)  # the (interleaved) 1F1B bubble
     if tp > 1:
         # 4 all-reduces of [tokens, hidden] per layer per forward+backward (2 for no-grad forwards).
@@ -416,13 +422,13 @@ def candidate_layouts(m: ModelConfig, v: VisionConfig | None, gpus: int, work: W
 def _check_batch(work: Workload, layout: Layout) -> None:
     from papo_mega.errors import LayoutError
 
-    if work.rows_per_update % (layout.dp * work.micro_batch_rows) and not work.nograd_views:
+    if work.rows_per_update % (layout.dp * (work.micro_batch_responses or work.micro_batch_rows)):
         raise LayoutError(f"global batch {work.rows_per_update} does not split into dp={layout.dp} x micro-batches")
     if work.rollout_prompts and work.rollout_prompts % layout.dp:
         raise LayoutError(f"algo.prompts_per_step={work.rollout_prompts} is not divisible by dp={layout.dp}")
     if work.rows_per_update % layout.dp:
         raise LayoutError(f"train.global_batch_size={work.rows_per_update} is not divisible by dp={layout.dp}")
-    microbatches = work.rows_per_update // layout.dp // work.micro_batch_rows
+    microbatches = work.microbatches(layout.dp)
     if layout.vpp > 1 and microbatches % layout.pp:
         raise LayoutError(f"interleaved pipelining needs micro-batches ({microbatches}) divisible by pp={layout.pp}")
 

@@ -187,3 +187,17 @@ def test_plan_offers_vpp_variants_of_pipelined_layouts():
     cfg = load_config(None, ["preset=tiny", "train.micro_batch_size=1", "train.global_batch_size=8"])
     names = {str(p.layout) for p in plan_config(cfg, 4, "cpu").layouts}
     assert {"tp1 pp2 dp2", "tp1 pp2 vpp2 dp2", "tp1 pp4 dp1"} <= names
+
+
+def test_masked_grad_doubles_rows_not_micro_batches():
+    """loss.masked_grad puts both views of a micro-batch's responses through the gradient forward:
+    twice the rows per micro-batch, the same number of micro-batches (train.py)."""
+    from papo_mega.plan import workload_from_config
+
+    base = ["preset=tiny", "train.micro_batch_size=2", "train.global_batch_size=16"]
+    plain = workload_from_config(load_config(None, base))
+    masked = workload_from_config(load_config(None, [*base, "loss.masked_grad=true"]))
+    assert masked.micro_batch_rows == 2 * plain.micro_batch_rows == 4
+    assert masked.microbatches(2) == plain.microbatches(2) == 4
+    valid, rejected = candidate_layouts(SMALL, None, 16, masked)
+    assert "does not split into dp=16" in rejected["tp1 pp1 dp16"]  # 16 responses, micro-batches of 2
