@@ -101,11 +101,9 @@ class MegatronEngine:
                 chunk.set_is_first_microbatch()
             suspend = context.sequence_len_offset > 0 and groups.layout.tp_size == 1
             with torch.no_grad(), _without_cpu_device_mode(suspend):
-                output = chunk(batch["input_ids"], batch["position_ids"], attention_mask=batch["attention_mask"],
-                               pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                               inference_context=context)
+                logits = self._last_logits(chunk(**batch, inference_context=context))
             context.sequence_len_offset += seq
-            return output[:, -1, :vocab].float().contiguous()
+            return logits
 
         if len(self.chunks) > 1:
             logits = self._forward_virtual_chunks(context, batch, prefill)
@@ -113,13 +111,10 @@ class MegatronEngine:
             return logits
 
         def forward_step(data_iterator, model):
-            item = next(data_iterator)
-            output = model(item["input_ids"], item["position_ids"], attention_mask=item["attention_mask"],
-                           pixel_values=item["pixel_values"], image_grid_thw=item["image_grid_thw"],
-                           inference_context=context)
+            output = model(**next(data_iterator), inference_context=context)
 
             def collect(logits):
-                return logits.new_zeros(()), {"logits": logits[:, -1, :vocab].float().contiguous()}
+                return logits.new_zeros(()), {"logits": self._last_logits(logits)}
 
             return output, collect
 
@@ -129,6 +124,10 @@ class MegatronEngine:
         logits = out[0]["logits"] if out else torch.empty(rows, vocab, device=device)
         context.sequence_len_offset += seq
         return logits
+
+    def _last_logits(self, output: torch.Tensor) -> torch.Tensor:
+        """[rows, vocab] fp32 logits of the last position (the output's vocabulary is padded)."""
+        return output[:, -1, : self.model.vocab_size].float().contiguous()
 
     def _forward_virtual_chunks(self, context, batch: dict, prefill: bool) -> torch.Tensor:
         """One micro-batch through an interleaved (vpp > 1) pipeline, model chunk by model chunk:
@@ -151,11 +150,9 @@ class MegatronEngine:
                 if prefill and hasattr(chunk, "set_is_first_microbatch"):
                     chunk.set_is_first_microbatch()
                 get_attr_wrapped_model(chunk, "set_input_tensor")(comm.recv_forward(shape, is_first_stage=first))
-                output = chunk(batch["input_ids"], batch["position_ids"], attention_mask=batch["attention_mask"],
-                               pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                               inference_context=context)
+                output = chunk(**batch, inference_context=context)
                 if last:
-                    logits = output[:, -1, :vocab].float().contiguous()
+                    logits = self._last_logits(output)
                 else:
                     comm.send_forward(output, is_last_stage=False)
         return logits

@@ -26,22 +26,29 @@ def probe_prompts(model, vision, seed: int = 0) -> list[RolloutPrompt]:
     return prompts
 
 
-def generate_at_layout(ckpt_dir: str, layout: dict, rollout: dict, seed: int, stop_ids: list[int],
-                       recompute: bool = False):
-    """Our engine's rollout on the probe prompts; optionally the training forward's log-probs of it."""
-    from papo_mega.algo.policy import compute_logprobs
+def _engine_at_layout(ckpt_dir: str, layout: dict, stop_ids: list[int]):
+    """The converted checkpoint at `layout` in eval mode (fp32) and our engine on it."""
     from papo_mega.distributed import init_distributed
     from papo_mega.model_dir import load_model_dir
-    from papo_mega.rollout.assemble import assemble_policy_rows
     from papo_mega.rollout.engine import MegatronEngine
 
     groups = init_distributed(layout, seed=99)
     chunks, _, model, vision = load_model_dir(ckpt_dir, groups, precision="fp32")
     for chunk in chunks:
         chunk.eval()
+    engine = MegatronEngine(chunks, groups, model, vision.spatial_merge_size, stop_ids, PAD_ID)
+    return groups, chunks, model, vision, engine
+
+
+def generate_at_layout(ckpt_dir: str, layout: dict, rollout: dict, seed: int, stop_ids: list[int],
+                       recompute: bool = False):
+    """Our engine's rollout on the probe prompts; optionally the training forward's log-probs of it."""
+    from papo_mega.algo.policy import compute_logprobs
+    from papo_mega.rollout.assemble import assemble_policy_rows
+
+    groups, chunks, model, vision, engine = _engine_at_layout(ckpt_dir, layout, stop_ids)
     prompts = probe_prompts(model, vision)
     params = RolloutConfig(**rollout)
-    engine = MegatronEngine(chunks, groups, model, vision.spatial_merge_size, stop_ids, PAD_ID)
     out = engine.generate(prompts, params, seed=seed, step=3)
     result = {"tokens": out.response_ids, "lengths": out.lengths, "finish": out.finish_reason,
               "logprobs": out.logprobs, "prompt_index": out.prompt_index}
@@ -85,17 +92,10 @@ def count_fp8_weight_refreshes(ckpt_dir: str, layout: dict, rollout: dict) -> li
     """How often the engine asks Transformer Engine to re-cast weights (set_is_first_microbatch,
     what megatron's TE layers key their fp8 weight cache on) during one generate call, per chunk
     of this rank: the prefill of each prompt chunk should, decode steps should not."""
-    from papo_mega.distributed import init_distributed
-    from papo_mega.model_dir import load_model_dir
-    from papo_mega.rollout.engine import MegatronEngine
-
-    groups = init_distributed(layout, seed=99)
-    chunks, _, model, vision = load_model_dir(ckpt_dir, groups, precision="fp32")
+    groups, chunks, model, vision, engine = _engine_at_layout(ckpt_dir, layout, [])
     calls = []
     for chunk in chunks:
-        chunk.eval()
         chunk.set_is_first_microbatch = lambda: calls.append(1)  # CPU has no TE: count instead of cast
-    engine = MegatronEngine(chunks, groups, model, vision.spatial_merge_size, [], PAD_ID)
     engine.generate(probe_prompts(model, vision), RolloutConfig(**rollout), seed=0, step=0)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, len(calls))
