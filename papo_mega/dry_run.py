@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import resource
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import torch
 from papo_mega.config import Config, ModelConfig
 from papo_mega.distributed.layout import ParallelLayout
 from papo_mega.errors import ConfigError, LayoutError, PapoError
+from papo_mega.metrics import peak_rss_bytes
 from papo_mega.models.param_shapes import numel, rank_shapes
 
 # --- Expected parameter shapes, from the config alone (models/param_shapes.py) ---------------------
@@ -209,10 +209,6 @@ def _short(count: int) -> str:
     return f"{count / 1e9:.2f} B" if count >= 1e8 else f"{count / 1e6:.2f} M"
 
 
-def _max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def run_dry_run(cfg: Config, world_size: int | None = None, rank: int = 0) -> DryRunReport:
     """Validate cfg for one rank of its layout (and the first and last pipeline stage); raise PapoError."""
     from papo_mega.distributed.runtime import _quiet_known_warnings
@@ -255,5 +251,5 @@ def run_dry_run(cfg: Config, world_size: int | None = None, rank: int = 0) -> Dr
     if assumed:
         report.notes.append("data-parallel size 1 assumed; pass --world-size N for the job's GPU count")
     report.seconds = time.perf_counter() - start
-    report.max_rss_mb = _max_rss_mb()
+    report.max_rss_mb = peak_rss_bytes() / 2**20
     return report

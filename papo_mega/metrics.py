@@ -33,6 +33,21 @@ from typing import Any, TextIO
 
 from papo_mega.errors import PapoError
 
+
+def rss_bytes() -> int:
+    """This process's resident memory now (psutil: /proc on Linux)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """This process's lifetime peak resident memory (getrusage; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 # --- standard tags -------------------------------------------------------------------------------
 # Rewards of the step's rollouts (means over all responses).
 REWARD_MEAN = "reward/mean"

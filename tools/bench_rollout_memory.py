@@ -24,18 +24,14 @@ MODEL = dict(num_layers=8, hidden_size=512, ffn_hidden_size=1408, num_attention_
              vocab_size=4096, max_seq_len=2048)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
 def measure(prompts: int, n: int, rows: int, prompt_len: int, new: int) -> dict:
     """Added peak RSS (bytes) and seconds of one generate call on one process."""
     import gc
-    import resource
     import warnings
 
     import torch
+
+    from papo_mega.metrics import peak_rss_bytes, rss_bytes
 
     warnings.filterwarnings("ignore")
     from papo_mega.config import ModelConfig, RolloutConfig
@@ -55,11 +51,11 @@ def measure(prompts: int, n: int, rows: int, prompt_len: int, new: int) -> dict:
              for i in range(prompts)]
     engine.generate(batch[:1], RolloutConfig(n=1, max_new_tokens=4), seed=0, step=0)  # warm-up
     gc.collect()
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     start = time.perf_counter()
     engine.generate(batch, RolloutConfig(n=n, top_p=1.0, max_new_tokens=new, max_batch_rows=rows), seed=0, step=1)
     seconds = time.perf_counter() - start
-    return {"added": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline, "s": seconds}
+    return {"added": peak_rss_bytes() - baseline, "s": seconds}
 
 
 def planned(prompts: int, n: int, rows: int, prompt_len: int, new: int) -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import resource
 import shutil
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from papo_mega.convert.hf_config import configs_from_hf, read_hf_config
 from papo_mega.convert.safetensors_io import SafetensorsReader
 from papo_mega.distributed.sharding import named_local_params, take_local_shard
 from papo_mega.errors import PapoError
+from papo_mega.metrics import peak_rss_bytes, rss_bytes
 from papo_mega.models.lm_hf import lm_globals_hf_to_mcore, lm_layer_hf_to_mcore
 
 META = "papo_model.json"
@@ -105,13 +105,8 @@ def read_metadata(ckpt: str | Path) -> tuple[dict, ModelConfig, VisionConfig]:
     return meta, ModelConfig(**meta["model"]), VisionConfig(**meta["vision"])
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def convert_rank(hf_dir: str, out_dir: str, layout_sizes: dict) -> dict:
     """Run on every rank of the conversion job; returns this rank's peak RSS (bytes)."""
-    import psutil
 
     from papo_mega.distributed import init_distributed
     from papo_mega.model_dir import save_model
@@ -121,7 +116,7 @@ def convert_rank(hf_dir: str, out_dir: str, layout_sizes: dict) -> dict:
     model, vision, dtype = configs_from_hf(hf_config)
     reader = SafetensorsReader(hf_dir)
     groups = init_distributed(layout_sizes)
-    baseline = psutil.Process().memory_info().rss  # interpreter, torch and megatron, before any weight
+    baseline = rss_bytes()  # interpreter, torch and megatron, before any weight
     chunks = build_model_chunks(model, vision, groups, initialise=False)
     fill_from_hf(chunks, groups, reader, model, vision, TORCH_DTYPES[dtype], show_progress=groups.rank == 0)
     out, tmp = Path(out_dir), Path(f"{out_dir}.tmp-convert")

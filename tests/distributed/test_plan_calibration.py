@@ -32,21 +32,16 @@ def _plan_layout(layout: dict, world: int):
     return Layout(tp, pp, world // tp // pp, layout.get("vpp_size") or 1)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
 def measure_worker(layout: dict, steps: int):
     """Peak RSS above the pre-model baseline on this rank, in bytes, and this rank's pipeline stage."""
     import gc
-    import resource
 
     import torch.distributed as dist
 
     from papo_mega.config import ModelConfig, TrainConfig
     from papo_mega.distributed import init_distributed
     from papo_mega.lm_step import make_lm_batch, train_step
+    from papo_mega.metrics import peak_rss_bytes, rss_bytes
     from papo_mega.models.qwen_vl import build_model_chunks
     from papo_mega.optim import attach_grad_finalisation, build_optimizer, wrap_ddp
 
@@ -64,14 +59,14 @@ def measure_worker(layout: dict, steps: int):
     del warm, warm_opt
     gc.collect()
     dist.barrier()
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     chunks = wrap_ddp(build_model_chunks(model_cfg, None, groups), groups, use_distributed_optimizer=True)
     attach_grad_finalisation(chunks)
     optimizer = build_optimizer(chunks, train_cfg, use_distributed_optimizer=True)
     params = sum(p.numel() for c in chunks for p in c.parameters())
     for _ in range(steps):
         train_step(chunks, optimizer, batch, groups, train_cfg.micro_batch_size)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return {"stage": groups.pp_rank, "added": peak - baseline, "params": params}
 
 
@@ -139,12 +134,12 @@ def _papo_recipe(shards: str, prompt_len: int) -> list[str]:
 def measure_papo_worker(overrides: list[str], layout: dict):
     """Peak RSS above the baseline of two PAPO-G steps of the VLM, after a warm-up trainer of the tiny preset."""
     import gc
-    import resource
 
     import torch.distributed as dist
 
     from papo_mega.config import load_config
     from papo_mega.distributed import init_distributed
+    from papo_mega.metrics import peak_rss_bytes, rss_bytes
     from papo_mega.train import PapoTrainer
 
     groups = init_distributed(layout, seed=1)
@@ -155,11 +150,11 @@ def measure_papo_worker(overrides: list[str], layout: dict):
     del warm
     gc.collect()
     dist.barrier()
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     trainer = PapoTrainer(load_config(None, overrides + VLM_SHAPE), groups)
     for step in range(2):
         trainer.step(step)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return {"stage": groups.pp_rank, "added": peak - baseline}
 
 
