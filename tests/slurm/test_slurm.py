@@ -124,12 +124,17 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     info = _wait(slurm_cluster, job, 240, until=lambda i: (i.get("Restarts", "0") != "0" and i.get("JobState") == "PENDING")
                  or i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"))
     assert info.get("Restarts", "0") == "1", cluster_log(slurm_cluster, tmp_path, job)
-    # Slurm holds a requeued batch job ~2 minutes (EligibleTime); a test need not wait for that.
+    # Slurm holds a requeued batch job ~2 minutes (EligibleTime) so that the job credential slurmd
+    # revoked at the requeue expires; a test need not wait that long, but slurmd rejects any
+    # credential created in or before the second of the revocation (ctime <= revoked), which failed
+    # the restart when StartTime=now fell in that second. A new credential 3 s later is accepted.
+    time.sleep(3)
     slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     info = _wait(slurm_cluster, job, 240, until=lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"))
     slurm_cluster.timings["requeue_job_s"] = time.perf_counter() - start
     out = cluster_log(slurm_cluster, tmp_path, job)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (
+        f"{out}\n{info.get('Reason')}\n{slurm_cluster.logs()}")
     assert "requeueing job" in out and "resumed from" in out, out
     stopped = int(re.search(r"stopped by (?:SIG\w+|a signal on another rank) after step (\d+)", out).group(1))
     assert 1 <= stopped < steps, out
