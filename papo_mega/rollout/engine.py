@@ -76,6 +76,7 @@ class MegatronEngine:
         self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
         self.pad_token_id = pad_token_id
         self.decode = decode
+        self._p2p = None  # megatron P2PCommunicator of the interleaved (vpp > 1) forward, built once
         special = [model.image_token_id, model.video_token_id, model.vision_start_token_id, model.vision_end_token_id]
         self.banned = torch.tensor([t for t in special if 0 <= t < model.vocab_size], dtype=torch.long)
 
@@ -141,7 +142,9 @@ class MegatronEngine:
         pp, rank, vpp = groups.layout.pp_size, groups.pp_rank, len(self.chunks)
         rows, seq = batch["input_ids"].shape
         config = get_model_config(self.chunks[0])
-        comm = P2PCommunicator(groups.pp, config)
+        if self._p2p is None:  # one per engine: the pipeline group and the model config do not change
+            self._p2p = P2PCommunicator(groups.pp, config)
+        comm = self._p2p
         shape = (seq, rows, config.hidden_size)
         logits = torch.empty(rows, vocab, device=groups.device)
         with torch.no_grad():
