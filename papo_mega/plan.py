@@ -15,8 +15,10 @@ The memory model follows what papo_mega builds (docs/scaling.md, "The planner"):
   layer transient;
 * training: activations of the micro-batches in flight (1F1B: stage k holds pp - k of them) at
   rows x (prompt + response) tokens, with the recipe's model.recompute (megatron's activation
-  recomputation in the language model; --recompute overrides it), plus the logits / log-softmax
-  on the last stage;
+  recomputation in the language model; --recompute overrides it), plus the logits on the last
+  stage: a PAPO/GRPO step's chunked log-probs (algo/logprobs.py) keep the logits and their
+  gradient in the param dtype plus two fp32 chunk buffers; the LM step's megatron cross-entropy
+  keeps an fp32 copy and the fp32 softmax beside the logits;
   the no-grad log-prob forward runs [original; masked] rows together when PAPO needs the masked
   view; the vision tower (first stage) sees every row's image at data.max_pixels (worst case).
 
@@ -123,6 +125,8 @@ class Workload:
     """Rows multiplier of the no-grad old-policy forward (1 original, 2 with the masked view; 0 none)."""
     micro_batch_responses: int = 0
     """Responses per training micro-batch (train.micro_batch_size; 0: micro_batch_rows)."""
+    chunked_logprobs: bool = False
+    """Log-probs by algo/logprobs.py (the RL step) rather than megatron's cross-entropy (the LM step)."""
 
     def microbatches(self, dp: int) -> int:
         """Training micro-batches per optimizer update on one DP rank."""
@@ -233,7 +237,7 @@ def workload_from_config(cfg: Config) -> Workload:
         rollout_prompts=cfg.algo.prompts_per_step, rollout_n=cfg.rollout.n,
         rollout_batch_rows=cfg.rollout.max_batch_rows, prompt_len=cfg.data.max_prompt_len,
         max_new_tokens=cfg.rollout.max_new_tokens, image_patches=patches, reference=cfg.loss.kl_coef > 0,
-        nograd_views=views, micro_batch_responses=cfg.train.micro_batch_size,
+        nograd_views=views, micro_batch_responses=cfg.train.micro_batch_size, chunked_logprobs=True,
     )
 
 
@@ -341,12 +345,24 @@ def _stage_memory(m, v, layout: Layout, work: Workload, device: DeviceProfile, s
         per_mb += (work.micro_batch_rows * work.image_patches * v.depth
                    * vision_token_activation(v, tp, recompute) * wb)
     activations = in_flight_microbatches(layout, stage, microbatches) * per_mb
-    logits = 0.0
-    if last:
-        # logits (param dtype) + fp32 copy for the log-softmax + its fp32 gradient, for one micro-batch.
-        logits = max(tokens, work.nograd_rows * work.seq_len) * vocab_shard * (wb + 8)
+    logits = logits_bytes(work, vocab_shard, wb) if last else 0.0
     return MemoryEstimate(stage, params, weights, grads, optimizer, reference, kv_cache, rollout_transient,
                           activations, logits, device.process_overhead_gb * GB)
+
+
+def logits_bytes(work: Workload, vocab_shard: int, wb: int) -> float:
+    """Peak bytes of one micro-batch's logits and what the loss keeps beside them (last stage)."""
+    tokens = work.micro_batch_rows * work.seq_len
+    if not work.chunked_logprobs:
+        # megatron's vocab_parallel_cross_entropy: the logits, an fp32 copy and the fp32 softmax it saves.
+        return tokens * vocab_shard * (wb + 8)
+    from papo_mega.algo.logprobs import CHUNK_BYTES
+
+    # The gradient forward keeps its logits until backward writes their gradient beside them (both in
+    # the param dtype); a no-grad forward keeps only its logits. Either works in two fp32 chunk buffers.
+    nograd_tokens = work.nograd_rows * work.seq_len
+    buffers = 2 * min(CHUNK_BYTES, max(tokens, nograd_tokens) * vocab_shard * 4)
+    return max(2 * tokens, nograd_tokens) * vocab_shard * wb + buffers
 
 
 # -- time -----------------------------------------------------------------------------------------

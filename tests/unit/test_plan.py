@@ -201,3 +201,22 @@ def test_masked_grad_doubles_rows_not_micro_batches():
     assert masked.microbatches(2) == plain.microbatches(2) == 4
     valid, rejected = candidate_layouts(SMALL, None, 16, masked)
     assert "does not split into dp=16" in rejected["tp1 pp1 dp16"]  # 16 responses, micro-batches of 2
+
+
+def test_rl_logits_term_is_the_chunked_log_probs_not_megatrons_cross_entropy():
+    """The RL step keeps logits + their gradient (param dtype) and two fp32 chunk buffers
+    (algo/logprobs.py); the LM step's megatron cross-entropy an fp32 copy and softmax besides."""
+    from dataclasses import replace
+
+    from papo_mega.algo.logprobs import CHUNK_BYTES
+    from papo_mega.plan import logits_bytes
+
+    lm = lm_workload(seq_len=1000, micro_batch_size=2, global_batch_size=8)
+    vocab = 65536
+    assert logits_bytes(lm, vocab, 2) == 2000 * vocab * (2 + 8)
+    grpo = replace(lm, chunked_logprobs=True, nograd_rows=2)
+    assert logits_bytes(grpo, vocab, 2) == 2000 * vocab * 2 * 2 + 2 * CHUNK_BYTES
+    papo = replace(grpo, nograd_rows=4)  # both views in the no-grad forward: 2x the rows, logits only
+    assert logits_bytes(papo, vocab, 2) == 4000 * vocab * 2 + 2 * CHUNK_BYTES
+    tiny = replace(grpo, seq_len=2, micro_batch_rows=1, nograd_rows=1)  # buffers no larger than the logits
+    assert logits_bytes(tiny, vocab, 4) == 2 * 2 * vocab * 4 + 2 * 2 * vocab * 4
