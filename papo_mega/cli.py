@@ -85,7 +85,10 @@ def _cmd_plot(args) -> int:
 
 def _cmd_plan(args) -> int:
     """Memory per GPU and an estimated step time for every TP/PP/DP layout (papo_mega/plan.py)."""
+    from papo_mega.distributed.runtime import quiet_known_warnings
     from papo_mega.plan import format_plan, plan, require_fit
+
+    quiet_known_warnings()  # megatron's "Transformer Engine / Apex not installed" on a login node
 
     result = plan(args.model, args.gpus, args.gpu, args.config, list(args.overrides), args.recompute)
     print(format_plan(result))

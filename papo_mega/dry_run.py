@@ -61,11 +61,11 @@ def _fake_world(rank: int, world_size: int, layout: ParallelLayout, seed: int):
 
     from papo_mega.distributed.cpu_mode import enable_cpu_mode
     from papo_mega.distributed.launcher import LaunchInfo
-    from papo_mega.distributed.runtime import _quiet_known_warnings, init_megatron_groups
+    from papo_mega.distributed.runtime import init_megatron_groups, quiet_known_warnings
 
     if dist.is_initialized():
         raise PapoError("--dry-run runs in a single process; start it without torchrun / srun / mpirun")
-    _quiet_known_warnings()
+    quiet_known_warnings()
     if not torch.cuda.is_available():
         enable_cpu_mode()  # megatron's RNG tracker and device arguments, as in a CPU run
     dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
@@ -211,9 +211,9 @@ def _short(count: int) -> str:
 
 def run_dry_run(cfg: Config, world_size: int | None = None, rank: int = 0) -> DryRunReport:
     """Validate cfg for one rank of its layout (and the first and last pipeline stage); raise PapoError."""
-    from papo_mega.distributed.runtime import _quiet_known_warnings
+    from papo_mega.distributed.runtime import quiet_known_warnings
 
-    _quiet_known_warnings()
+    quiet_known_warnings()
     start = time.perf_counter()
     p = cfg.parallel
     assumed = world_size is None

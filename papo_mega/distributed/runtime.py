@@ -107,7 +107,7 @@ def _init_process_group(launch: LaunchInfo, backend: str, timeout_s: float) -> N
         raise
 
 
-def _quiet_known_warnings() -> None:
+def quiet_known_warnings() -> None:
     """Silence warnings that are expected here and say nothing a user can act on."""
     for pattern in (
         r".*(Apex|apex|Transformer Engine).*not installed.*",  # optional by design
@@ -143,7 +143,7 @@ def init_distributed(
     layout_sizes holds tp_size / pp_size / vpp_size (world size comes from the launcher).
     On a machine without CUDA this also switches on the CPU mode (gloo backend).
     """
-    _quiet_known_warnings()
+    quiet_known_warnings()
     launch = launch or detect_launch()
     layout = ParallelLayout(world_size=launch.world_size, **(layout_sizes or {}))
     backend = backend or default_backend()

@@ -203,6 +203,18 @@ def test_masked_grad_doubles_rows_not_micro_batches():
     assert "does not split into dp=16" in rejected["tp1 pp1 dp16"]  # 16 responses, micro-batches of 2
 
 
+def test_cli_plan_prints_no_warnings_of_missing_optional_packages():
+    """A login node without Transformer Engine / Apex: the plan is the whole output (a fresh process,
+    since megatron warns once, at import)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "papo_mega.cli", "plan", "--model", "qwen2.5-vl-3b", "--gpus", "8"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+
+
 def test_rl_logits_term_is_the_chunked_log_probs_not_megatrons_cross_entropy():
     """The RL step keeps logits + their gradient (param dtype) and two fp32 chunk buffers
     (algo/logprobs.py); the LM step's megatron cross-entropy an fp32 copy and softmax besides."""
