@@ -29,7 +29,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Self, TextIO
 
 from papo_mega.errors import PapoError
 
@@ -225,7 +225,17 @@ PLOTS_DIR = "plots"
 _RESERVED = ("step", "wall_time")
 
 
-class MetricsLogger:
+class _ClosedOnExit:
+    """`with X(...) as x:` closes x on leaving the block (X defines close())."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class MetricsLogger(_ClosedOnExit):
     """Scalars per step to RUN_DIR/tb (TensorBoard) and RUN_DIR/metrics.jsonl, from the main rank.
 
     `start_step`: the first step this process will log. When given, lines of metrics.jsonl with
@@ -314,12 +324,6 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-    def __enter__(self) -> MetricsLogger:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _parse_line(line: str) -> dict | None:
@@ -432,7 +436,7 @@ class CollapseDetector:
 _POSTFIX = ((REWARD_MEAN, "reward"), (REWARD_ACCURACY, "acc"), (LOSS_KL_PRCP, "kl_prcp"), (LOSS_ENTROPY, "entropy"))
 
 
-class ProgressBar:
+class ProgressBar(_ClosedOnExit):
     """A tqdm bar over the training steps whose postfix shows reward, acc, kl_prcp, entropy and
     s/step. When `file` (default stderr) is not a terminal - CI logs, Slurm output - it prints a
     plain line every `every` steps and at the last step instead. `enabled=False` (non-main ranks):
@@ -500,12 +504,6 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _duration(seconds: float) -> str:
