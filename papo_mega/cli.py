@@ -76,7 +76,7 @@ def _cmd_sft(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from papo_mega.metrics import plot_run
+    from papo_mega.plots import plot_run
 
     for path in plot_run(args.run_dir):
         print(path)

@@ -1,4 +1,4 @@
-"""Training metrics: TensorBoard + metrics.jsonl, the collapse warning, the progress bar, PNG curves.
+"""Training metrics: TensorBoard + metrics.jsonl, the collapse warning, the progress bar (PNG curves: plots.py).
 
     logger = MetricsLogger(cfg.run.run_dir, cfg.run.tensorboard, is_main, start_step=first_step)
     detector = CollapseDetector(cfg.run.collapse_window)
@@ -14,7 +14,7 @@
     logger.close(); bar.close()
 
 `RUN_DIR/metrics.jsonl` (one JSON object per `log` call: `step`, `wall_time` and the tags; non-finite
-values as null) is the source of truth for `plot_run` and the tests; `RUN_DIR/tb` holds the same
+values as null) is the source of truth for `plots.plot_run` and the tests; `RUN_DIR/tb` holds the same
 scalars for TensorBoard. Only the main rank writes; elsewhere every method is a no-op. Tag names
 and their meaning: docs/monitoring.md.
 """
@@ -221,7 +221,6 @@ def _as_float(name: str, value: Any) -> float:
 # --- logging -------------------------------------------------------------------------------------
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
-PLOTS_DIR = "plots"
 _RESERVED = ("step", "wall_time")
 
 
@@ -511,98 +510,3 @@ def _duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-# --- plots ---------------------------------------------------------------------------------------
-_GROUP_ORDER = ("reward", "response", "loss", "clip", "ratio", "optim", "perf", "time", "eval")
-COLLAPSE_SIGNALS = (LOSS_KL_PRCP, LOSS_ENTROPY, LOSS_MASKED_ENTROPY, CLIP_HIGH, REWARD_MEAN, RESPONSE_LENGTH_MEAN)
-"""The panels of plots/collapse.png: what to look at together when a PAPO run may be collapsing."""
-
-
-_STANDARD_ORDER = {tag: i for i, tag in enumerate((
-    REWARD_MEAN, REWARD_ACCURACY, REWARD_FORMAT, RESPONSE_LENGTH_MEAN, RESPONSE_TRUNCATED, RESPONSE_TOKENS,
-    RESPONSE_EMPTY_BATCHES, LOSS_TOTAL, LOSS_PG, LOSS_KL_PRCP, LOSS_KL_REF, LOSS_ENTROPY, LOSS_MASKED_ENTROPY,
-    CLIP_HIGH, CLIP_LOW, CLIP_DUAL, RATIO_MEAN, RATIO_MAX, RATIO_MIN, RATIO_APPROX_KL_OLD, OPTIM_GRAD_NORM,
-    OPTIM_LR, OPTIM_SKIPPED_UPDATES, PERF_TOKENS_PER_S, *(time_tag(s) for s in TIME_STAGES),
-    *(eval_tag(v) for v in EVAL_VIEWS),
-))}
-
-
-def _ema(values: list[float], weight: float) -> list[float]:
-    """TensorBoard-style debiased exponential moving average; NaNs are skipped (kept as NaN)."""
-    out, acc, norm = [], 0.0, 0.0
-    for v in values:
-        if not math.isfinite(v):
-            out.append(math.nan)
-            continue
-        acc = weight * acc + (1 - weight) * v
-        norm = weight * norm + (1 - weight)
-        out.append(acc / norm)
-    return out
-
-
-def _figure(title: str, panels: list[tuple[str, list[tuple[int, float]]]], path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    width, height = 4.4 * ncols, 3.0 * nrows + 0.4
-    fig = Figure(figsize=(width, height))
-    fig.suptitle(title)
-    # Fixed margins in inches (a layout engine would draw every figure twice).
-    fig.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.7 / height,
-                        wspace=0.35, hspace=0.55)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, (tag, points) in zip(axes, panels):
-        points = sorted(points, key=lambda p: p[0])
-        steps = [p[0] for p in points]
-        values = [p[1] for p in points]
-        ax.set_title(tag, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if not any(math.isfinite(v) for v in values):
-            ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
-            continue
-        if len(points) >= 10:
-            ax.plot(steps, values, color="C0", alpha=0.3, linewidth=0.8)
-            ax.plot(steps, _ema(values, 0.8), color="C0", linewidth=1.5)
-        else:
-            ax.plot(steps, values, color="C0", marker="o", markersize=3, linewidth=1.2)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    fig.savefig(path, dpi=100)
-
-
-def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Curves of every tag in RUN_DIR/metrics.jsonl, x = step: one PNG per tag group (the part
-    before "/": reward, response, loss, clip, ratio, optim, perf, time, eval, ...) with a panel per
-    tag, plus collapse.png with the collapse signals side by side. Written to RUN_DIR/plots (or
-    `out_dir`); returns the paths."""
-    series = read_metrics(run_dir)
-    if not series:
-        raise PapoError(f"{Path(run_dir) / METRICS_FILE} holds no steps yet; plot again after the first step")
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / PLOTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    groups: dict[str, list[str]] = defaultdict(list)
-    for tag in series:
-        groups[tag.split("/", 1)[0] if "/" in tag else "other"].append(tag)
-    order = [g for g in _GROUP_ORDER if g in groups] + sorted(g for g in groups if g not in _GROUP_ORDER)
-    paths = []
-    for group in order:
-        path = out / f"{_safe_name(group)}.png"
-        _figure(f"{group} - {Path(run_dir).name}", [(t, series[t]) for t in sorted(groups[group], key=_tag_key)], path)
-        paths.append(path)
-    signals = [t for t in COLLAPSE_SIGNALS if t in series]
-    if LOSS_KL_PRCP in series:
-        path = out / "collapse.png"
-        _figure(f"collapse signals - {Path(run_dir).name}", [(t, series[t]) for t in signals], path)
-        paths.append(path)
-    return paths
-
-
-def _tag_key(tag: str) -> tuple[int, str]:
-    return (_STANDARD_ORDER.get(tag, len(_STANDARD_ORDER)), tag)
-
-
-def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "other"

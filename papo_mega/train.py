@@ -349,8 +349,9 @@ def run_train(cfg: Config) -> dict:
     )
     from papo_mega.distributed import init_job, shutdown_distributed
     from papo_mega.evaluate import write_results
-    from papo_mega.metrics import CollapseDetector, MetricsLogger, ProgressBar, eval_tag, plot_run
+    from papo_mega.metrics import CollapseDetector, MetricsLogger, ProgressBar, eval_tag
     from papo_mega.model_dir import save_model_dir
+    from papo_mega.plots import plot_run
     from papo_mega.sanity import check_replicas
 
     groups = init_job(cfg)

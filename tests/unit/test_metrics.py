@@ -7,6 +7,7 @@ import pytest
 
 from papo_mega import metrics as M
 from papo_mega.errors import PapoError
+from papo_mega.plots import plot_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -252,7 +253,7 @@ def test_plot_run_writes_png_per_group(tmp_path):
             logger.log(step, scalars)
         logger.log(14, {"eval/original_accuracy": 0.4, "untagged": 1.0})
 
-    paths = M.plot_run(tmp_path)
+    paths = plot_run(tmp_path)
     names = [p.name for p in paths]
     assert names == ["reward.png", "loss.png", "clip.png", "time.png", "eval.png", "other.png", "collapse.png"]
     for path in paths:
@@ -267,9 +268,9 @@ def test_plot_run_writes_png_per_group(tmp_path):
 
 def test_plot_run_errors_name_the_directory(tmp_path):
     with pytest.raises(PapoError, match=r"no metrics.jsonl in .*; is it a run directory\?"):
-        M.plot_run(tmp_path / "missing")
+        plot_run(tmp_path / "missing")
     with pytest.raises(PapoError, match="no metrics.jsonl"):
-        M.plot_run(tmp_path)
+        plot_run(tmp_path)
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(PapoError, match="holds no steps yet"):
-        M.plot_run(tmp_path)
+        plot_run(tmp_path)
