@@ -49,21 +49,25 @@ class MicroBatch:
 
 
 def split_microbatches(batch: torch.Tensor, groups: ParallelGroups, micro_batch_size: int) -> list[MicroBatch]:
-    """This data-parallel rank's share of the global batch, cut into micro-batches."""
+    """This data-parallel rank's share of the global batch, cut into micro-batches on the host.
+
+    The forward step moves each one to `groups.device` when the schedule reaches it, so only the
+    micro-batches in flight occupy device memory (as the RL path does).
+    """
     dp_size, dp_rank = groups.layout.dp_size, groups.dp_rank
     rows = batch.shape[0] // dp_size
-    local = batch[dp_rank * rows : (dp_rank + 1) * rows]
+    local = batch[dp_rank * rows : (dp_rank + 1) * rows].cpu()
     seq_len = batch.shape[1] - 1
     positions = torch.arange(seq_len).unsqueeze(0)
     out = []
     for i in range(0, rows, micro_batch_size):
-        chunk = local[i : i + micro_batch_size].to(groups.device)
+        chunk = local[i : i + micro_batch_size]
         out.append(
             MicroBatch(
                 tokens=chunk[:, :-1].contiguous(),
                 labels=chunk[:, 1:].contiguous(),
-                loss_mask=torch.ones(chunk.shape[0], seq_len, device=groups.device),
-                position_ids=positions.expand(chunk.shape[0], -1).contiguous().to(groups.device),
+                loss_mask=torch.ones(chunk.shape[0], seq_len),
+                position_ids=positions.expand(chunk.shape[0], -1).contiguous(),
             )
         )
     return out
@@ -77,8 +81,9 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 
-def _forward_step(data_iterator, model):
-    mb: MicroBatch = next(data_iterator)
+def _forward_step(device: torch.device, data_iterator, model):
+    # Moved here, not up front: one micro-batch at a time on the device (a no-op if already there).
+    mb: MicroBatch = next(data_iterator).to(device)
     output = model(mb.tokens, mb.position_ids, attention_mask=None, labels=mb.labels,
                    pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw)
     return output, partial(_loss_func, mb.loss_mask)
@@ -87,7 +92,8 @@ def _forward_step(data_iterator, model):
 def forward_backward(
     chunks, microbatches: list[MicroBatch], groups: ParallelGroups, forward_only: bool = False
 ) -> float:
-    """Run the schedule over this rank's micro-batches; return the global token-mean loss.
+    """Run the schedule over this rank's micro-batches (on the host or the device); return the
+    global token-mean loss.
 
     Gradients (when not forward_only) are left in the DDP buffers, already reduced across DP
     and divided by the global token count. The returned loss is the same on every rank.
@@ -95,9 +101,10 @@ def forward_backward(
     from papo_mega.models.forward import run_schedule
 
     first = microbatches[0].tokens
-    reported = run_schedule(chunks, microbatches, _forward_step, seq_length=first.shape[1],
+    reported = run_schedule(chunks, microbatches, partial(_forward_step, groups.device), seq_length=first.shape[1],
                             micro_batch_size=first.shape[0], forward_only=forward_only)
-    totals = torch.zeros(2, dtype=torch.float64)
+    # On groups.device: the losses the schedule returns live there, and NCCL reduces device tensors only.
+    totals = torch.zeros(2, dtype=torch.float64, device=groups.device)
     for item in reported:  # non-empty on the last pipeline stage only
         totals += item["lm_loss"].to(torch.float64)
     dist.all_reduce(totals, group=groups.dp)

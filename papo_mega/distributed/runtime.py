@@ -176,9 +176,11 @@ def init_megatron_groups(layout: ParallelLayout, launch: LaunchInfo, backend: st
         virtual_pipeline_model_parallel_size=layout.vpp_size,
         context_parallel_size=layout.cp_size,
         distributed_timeout_minutes=max(1, int(timeout_s // 60)),
-        # With gloo as the main backend the extra gloo copies of the groups are redundant (and a
-        # fake world has no use for them).
-        create_gloo_process_groups=backend not in ("gloo", "fake"),
+        # megatron's gloo copies of the DP groups serve only the DistributedOptimizer's dp-zero
+        # state gathers (save_parameter_state, 'dp_zero_gather_scatter', mem-efficient
+        # 'fully_reshardable'); optim.py builds it with use_gloo_process_groups=False and
+        # checkpoints use 'dp_reshardable', which gathers over the main group. So none, at any backend.
+        create_gloo_process_groups=False,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ParallelGroups(

@@ -6,7 +6,9 @@ parity checks) when not launched by torchrun/srun/mpirun.
     results = run_distributed(worker_fn, world_size=4, args=(...), timeout_s=120)
 
 Each process gets torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on a
-free port) and one thread. `results[rank]` is what the function returned on that rank. A worker
+free port) and one thread, and sees no CUDA (CUDA_VISIBLE_DEVICES="", so gloo and the CPU mode)
+unless the caller passes use_cuda=True or its own CUDA_VISIBLE_DEVICES in env: on a GPU machine
+the ranks would otherwise pick nccl and all share cuda:0. `results[rank]` is what the function returned on that rank. A worker
 exception fails the test with that rank's traceback; a hang past timeout_s fails it naming the
 ranks that never finished. Workers must be module-level functions (they are pickled by spawn).
 `DistributedTestFailure` is an AssertionError so that pytest reports it as a test failure.
@@ -29,7 +31,7 @@ class DistributedTestFailure(AssertionError):
     """A rank raised, or the job did not finish in time."""
 
 
-def _worker(fn, rank: int, world_size: int, port: int, args: tuple, env: dict, results) -> None:
+def _worker(payload: bytes, rank: int, world_size: int, port: int, env: dict, results) -> None:
     os.environ.update(
         {
             "RANK": str(rank),
@@ -45,7 +47,12 @@ def _worker(fn, rank: int, world_size: int, port: int, args: tuple, env: dict, r
     try:
         import torch
 
+        if os.environ.get("CUDA_VISIBLE_DEVICES") == "" and torch.cuda.is_initialized():
+            raise RuntimeError("CUDA was initialised before the worker could hide it")
         torch.set_num_threads(1)
+        # Unpickled only now, under the environment above: importing fn's module may load CUDA
+        # libraries, which read CUDA_VISIBLE_DEVICES once.
+        fn, args = pickle.loads(payload)
         value = fn(*args)
         # Plain pickle: tensors travel by value, not as shared-memory handles that die with us.
         results.put(("ok", rank, pickle.dumps(value)))
@@ -62,14 +69,20 @@ def _worker(fn, rank: int, world_size: int, port: int, args: tuple, env: dict, r
             pass
 
 
-def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 180.0, env: dict | None = None) -> list:
-    """Run fn(*args) on world_size ranks; return the per-rank results or raise DistributedTestFailure."""
+def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 180.0, env: dict | None = None,
+                    use_cuda: bool = False) -> list:
+    """Run fn(*args) on world_size ranks; return the per-rank results or raise DistributedTestFailure.
+
+    env is added to each rank's environment; use_cuda=True keeps the GPUs this process sees
+    visible to the ranks (by default they see none)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = find_free_port()
+    env = {**({} if use_cuda else {"CUDA_VISIBLE_DEVICES": ""}), **(env or {})}
+    payload = pickle.dumps((fn, args))
     procs = [
         # Not daemonic: like a real launcher's ranks, workers may start children (checkpoint writers).
-        ctx.Process(target=_worker, args=(fn, rank, world_size, port, args, env or {}, results))
+        ctx.Process(target=_worker, args=(payload, rank, world_size, port, env, results))
         for rank in range(world_size)
     ]
     for proc in procs:

@@ -59,8 +59,10 @@ def compute_full_logits(chunks, groups: ParallelGroups, inputs: ModelInputs, voc
 
     batch, seq = inputs.input_ids.shape
     out = run_schedule(chunks, [inputs], forward_step, seq_length=seq, micro_batch_size=batch)
-    # contiguous: the vocab slice is a view, and collectives send raw storage.
-    logits = out[0]["logits"].float().contiguous() if out else torch.empty(batch, seq, vocab_size)
+    # contiguous: the vocab slice is a view, and collectives send raw storage. The other stages'
+    # receive buffer is on groups.device too: NCCL broadcasts device tensors only.
+    logits = (out[0]["logits"].float().contiguous() if out
+              else torch.empty(batch, seq, vocab_size, device=groups.device))
     last = dist.get_global_rank(groups.pp, groups.layout.pp_size - 1)
     dist.broadcast(logits, src=last, group=groups.pp)
     return logits.cpu()

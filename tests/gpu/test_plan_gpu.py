@@ -45,7 +45,7 @@ def test_planner_within_20_percent_of_gpu_memory_for_a_7b_slice(gpu):
     from papo_mega.config import load_config
     from papo_mega.plan import DEVICES, Layout, estimate_memory, lm_workload
 
-    measured = run_distributed(measure_slice, 1, args=("bf16",), timeout_s=600)[0]["added"]
+    measured = run_distributed(measure_slice, 1, args=("bf16",), timeout_s=600, use_cuda=True)[0]["added"]
     cfg = load_config(None, [*SLICE, "model.precision=bf16"])
     planned = estimate_memory(cfg.model, None, Layout(1, 1, 1), lm_workload(SEQ, MICRO, GLOBAL), DEVICES[gpu]).total
     error = (planned - measured) / measured

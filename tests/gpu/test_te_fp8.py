@@ -35,8 +35,8 @@ def _loss_with(precision: str, force_local: bool):
 
 
 def test_te_spec_matches_local_spec_in_bf16():
-    te = run_distributed(_loss_with, 1, args=("bf16", False))[0]
-    local = run_distributed(_loss_with, 1, args=("bf16", True))[0]
+    te = run_distributed(_loss_with, 1, args=("bf16", False), use_cuda=True)[0]
+    local = run_distributed(_loss_with, 1, args=("bf16", True), use_cuda=True)[0]
     assert te["loss"] == pytest.approx(local["loss"], rel=2e-2)
     assert te["grad_norm"] == pytest.approx(local["grad_norm"], rel=5e-2)
 
@@ -44,7 +44,7 @@ def test_te_spec_matches_local_spec_in_bf16():
 def test_fp8_forward_backward_runs_and_stays_close_to_bf16():
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("FP8 needs Hopper or newer")
-    fp8 = run_distributed(_loss_with, 1, args=("fp8", False))[0]
-    bf16 = run_distributed(_loss_with, 1, args=("bf16", False))[0]
+    fp8 = run_distributed(_loss_with, 1, args=("fp8", False), use_cuda=True)[0]
+    bf16 = run_distributed(_loss_with, 1, args=("bf16", False), use_cuda=True)[0]
     assert torch.isfinite(torch.tensor(fp8["loss"]))
     assert fp8["loss"] == pytest.approx(bf16["loss"], rel=5e-2)
