@@ -1,8 +1,9 @@
 """The decoder language model on megatron-core: its `TransformerConfig` and one `GPTModel` chunk.
 
 On CUDA with Transformer Engine the TE layer spec is used (and `precision: fp8` turns on TE's FP8
-autocast with the configured recipe); otherwise megatron-core's local spec, with fusions off.
-Parameters are initialised on the CPU, then overwritten by the layout-invariant init.
+autocast with the configured recipe) with megatron's fusions on; otherwise megatron-core's local
+spec, with fusions off. Parameters are initialised on their device (the CPU in CPU mode), then
+overwritten by the layout-invariant init.
 """
 
 from __future__ import annotations
@@ -29,21 +30,32 @@ def transformer_engine_usable() -> bool:
 
 
 def select_layer_spec(model: ModelConfig):
-    """Transformer Engine's fused spec on CUDA with TE; megatron-core's local spec otherwise."""
+    """Transformer Engine's fused spec on CUDA with TE; megatron-core's local spec otherwise. In both
+    the core attention applies the rollout's padding mask (papo_mega/models/te_attention.py)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if transformer_engine_usable():
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    from papo_mega.models.te_attention import (
+        emulating_transformer_engine,
+        local_core_attention,
+        padding_aware_te_attention,
+    )
+
+    if transformer_engine_usable() and not emulating_transformer_engine():
+        # TE ignores the rollout's left-padding mask (te_attention.py): masked calls go to SDPA.
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        spec.submodules.self_attention.submodules.core_attention = padding_aware_te_attention()
+        return spec
     if model.precision == "fp8":
         raise ConfigError(
             "model.precision=fp8 needs Transformer Engine on a CUDA machine; run in the NGC PyTorch container "
             "or pip install transformer-engine[pytorch] (papo_mega[gpu]) on a GPU node, or set model.precision=bf16"
         )
-    # megatron's local spec with SDPA core attention where that is the same function (causal, no
-    # explicit mask): 0.73x -> ~0.9-1.0x of transformers' speed on CPU (docs/benchmarks.md).
+    # megatron's local spec with SDPA core attention where that is the same function (causal
+    # without a mask, the rollout's padding mask): 0.73x -> ~0.9-1.0x of transformers' speed on CPU
+    # (docs/benchmarks.md).
     from papo_mega.models.sdpa_attention import get_local_layer_spec
 
-    return get_local_layer_spec(normalization="RMSNorm")
+    return get_local_layer_spec(normalization="RMSNorm", core_attention=local_core_attention())
 
 
 def shared_transformer_settings(precision: str, on_cpu: bool) -> dict:
@@ -61,15 +73,14 @@ def shared_transformer_settings(precision: str, on_cpu: bool) -> dict:
         attention_dropout=0.0,
         # Weights are overwritten by the layout-invariant init or a checkpoint, but megatron's own
         # draw stays on: with it off, megatron 0.16 never marks weights as tensor-parallel
-        # (partition_dim etc.), which sharding, DDP and checkpoints rely on.
-        use_cpu_initialization=True,
+        # (partition_dim etc.), which sharding, DDP and checkpoints rely on. On CUDA the draw is
+        # made on the device (tensor_parallel/layers.py _initialize_affine_weight_gpu marks the
+        # weights too): no full fp32 copy of every weight on the host.
+        use_cpu_initialization=on_cpu,
         perform_initialization=True,
-        # Fused kernels need CUDA (and apex/TE); the local path is plain torch.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
+        **fusion_settings(on_cpu),
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
         persist_layer_norm=False,  # the local spec's norm refuses it; TE's spec handles its own
         deallocate_pipeline_outputs=not on_cpu,
         # gloo matches messages between one pair of ranks in posting order. Batched p2p posts
@@ -78,6 +89,23 @@ def shared_transformer_settings(precision: str, on_cpu: bool) -> dict:
         # direction and stays exact.
         batch_p2p_comm=not on_cpu,
     )
+
+
+def fusion_settings(on_cpu: bool) -> dict:
+    """megatron's fused kernels: on with Transformer Engine on CUDA, off elsewhere (plain torch).
+
+    SwiGLU and bias-dropout-add are megatron's jit-fused functions (fusions/fused_bias_swiglu.py,
+    fused_bias_dropout.py; bias=None is handled: add_bias_linear is off). The fused wgrad GEMM
+    accumulates into main_grad; TE's linears take it natively, but the output layer is megatron's
+    ColumnParallelLinear, which raises without apex's fused_weight_gradient_mlp_cuda
+    (tensor_parallel/layers.py _grad_accum_fusion_available), so that flag follows the extension.
+    """
+    if on_cpu or not transformer_engine_usable():
+        return dict(bias_activation_fusion=False, bias_dropout_fusion=False, gradient_accumulation_fusion=False)
+    from megatron.core.tensor_parallel import layers
+
+    return dict(bias_activation_fusion=True, bias_dropout_fusion=True,
+                gradient_accumulation_fusion=bool(getattr(layers, "_grad_accum_fusion_available", False)))
 
 
 def build_transformer_config(model: ModelConfig, groups: ParallelGroups):
