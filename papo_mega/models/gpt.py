@@ -58,8 +58,14 @@ def select_layer_spec(model: ModelConfig):
     return get_local_layer_spec(normalization="RMSNorm", core_attention=local_core_attention())
 
 
-def shared_transformer_settings(precision: str, on_cpu: bool) -> dict:
-    """TransformerConfig settings shared by the language model and the vision tower."""
+def shared_transformer_settings(precision: str, device: torch.device) -> dict:
+    """TransformerConfig settings shared by the language model and the vision tower.
+
+    Everything but CUDA counts as a host build: CPU runs and the dry run's meta device, where
+    megatron's CPU init path allocates with plain torch.empty and so stays on meta (its GPU path
+    names a device and would allocate every weight of the rank for real).
+    """
+    on_cpu = device.type != "cuda"
     dtype = PARAM_DTYPES[precision]
     return dict(
         pipeline_dtype=dtype,
@@ -115,7 +121,7 @@ def build_transformer_config(model: ModelConfig, groups: ParallelGroups):
     layout = groups.layout
     fp8 = model.precision == "fp8"
     return TransformerConfig(
-        **shared_transformer_settings(model.precision, groups.device.type == "cpu"),
+        **shared_transformer_settings(model.precision, groups.device),
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,

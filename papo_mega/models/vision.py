@@ -73,7 +73,7 @@ def build_vision_transformer_config(
     if precision not in PARAM_DTYPES:
         raise ConfigError(f"vision tower precision={precision!r} is not one of {', '.join(PARAM_DTYPES)}")
     return TransformerConfig(
-        **shared_transformer_settings(precision, groups.device.type == "cpu"),
+        **shared_transformer_settings(precision, groups.device),
         num_layers=vision_cfg.depth,
         hidden_size=vision_cfg.hidden_size,
         ffn_hidden_size=vision_cfg.intermediate_size,

@@ -1,6 +1,7 @@
 """`papo-mega train RECIPE --dry-run`: one rank of the target layout built on the meta device.
 
-- The 72B recipe at its 32-GPU layout passes in seconds and reports the expected per-rank counts.
+- The 72B recipe at its 32-GPU layout passes without allocating its weights (peak RSS, not time:
+  a build that allocates is what makes a dry run slow) and reports the expected per-rank counts.
 - The tiny recipe's dry-run counts equal those of a real multi-process build at the same layout.
 - Bad recipes and paths give one-line errors (exit 2).
 """
@@ -9,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -47,13 +47,10 @@ def reported(stdout: str) -> dict[int, tuple[int, int]]:
     return {int(r): (int(s), int(n.replace(",", ""))) for r, s, n in found}
 
 
-def test_72b_recipe_dry_run_passes_in_seconds_with_the_expected_counts(shards, tmp_path):
+def test_72b_recipe_dry_run_passes_without_allocating_weights_with_the_expected_counts(shards, tmp_path):
     paths = [f"data.train_shards={shards}", "algo.init_from=", "data.tokenizer=", f"run.run_dir={tmp_path / 'run'}"]
-    start = time.perf_counter()
     proc = dry_run(BIG, "--world-size", "32", *paths)
-    elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert elapsed < 30, f"dry run took {elapsed:.1f} s"
     cfg = load_config(BIG, paths)
     layout = ParallelLayout(world_size=32, **cfg.parallel.layout_sizes())
     counts = reported(proc.stdout)
@@ -66,7 +63,8 @@ def test_72b_recipe_dry_run_passes_in_seconds_with_the_expected_counts(shards, t
     assert f"model: {total_params(cfg):,} parameters" in proc.stdout
     assert "layout: tp4 pp8 dp1 (world 32)" in proc.stdout
     peak = re.search(r"peak RSS (\d+) MB", proc.stdout)
-    assert peak and int(peak.group(1)) < 2000, proc.stdout  # 73 B bf16 parameters would be 147 GB
+    # 73 B bf16 parameters would be 147 GB; one rank's 2.7 B allocated for real is 5+ GB.
+    assert peak and int(peak.group(1)) < 2000, proc.stdout
 
 
 def real_counts(layout_sizes: dict) -> tuple[int, int]:
