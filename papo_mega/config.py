@@ -386,6 +386,11 @@ class Config:
             num_query_groups=m.num_query_groups,
             vocab_size=m.padded_vocab_size,
         )
+        from papo_mega.models.fp8_shapes import fp8_dim_problem
+
+        problem = fp8_dim_problem(m, layout.tp_size)  # widths no padding can fix (TE's fp8 GEMM rule)
+        if problem:
+            raise ConfigError(problem)
         per_stage = m.num_layers // layout.pp_size
         if m.precision == "fp8" and max(m.fp8_bf16_layers_start, m.fp8_bf16_layers_end) > per_stage:
             raise ConfigError(

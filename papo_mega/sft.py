@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from papo_mega.config import Config, save_config
+from papo_mega.config import Config, ModelConfig, save_config
 from papo_mega.data.image import BadImage
 from papo_mega.data.prepare import prepare_prompt
 from papo_mega.data.prompts import PromptTooLong
@@ -34,6 +34,7 @@ from papo_mega.data.shards import BadSample, ShardStream, load_index
 from papo_mega.data.tokenizer import Tokenizer
 from papo_mega.errors import PapoError
 from papo_mega.lm_step import MicroBatch, forward_backward
+from papo_mega.models.fp8_shapes import fp8_padded_length
 from papo_mega.models.rope_index import compute_mrope_position_ids
 
 LOG_NAME = "sft_log.json"
@@ -72,6 +73,12 @@ def make_example(item: dict, tokenizer: Tokenizer, cfg: Config) -> Example:
     if len(ids) > cfg.model.max_seq_len:
         raise BadSample(f"prompt + answer is {len(ids)} tokens, more than model.max_seq_len={cfg.model.max_seq_len}")
     return Example(ids, len(prompt.input_ids), prompt.pixel_values, prompt.image_grid_thw)
+
+
+def step_seq_len(examples: list[Example], model: ModelConfig) -> int:
+    """The step's common input length: the longest example's, padded to the fp8 token multiple under
+    model.precision=fp8 (models/fp8_shapes.py; the padding is right padding with no loss)."""
+    return fp8_padded_length(max(len(ex.ids) for ex in examples) - 1, model)
 
 
 def collate(examples: list[Example], seq_len: int, pad_id: int, cfg: Config) -> MicroBatch:
@@ -161,8 +168,8 @@ def run_sft(cfg: Config) -> Path:
         bar = tqdm(range(cfg.sft.steps), desc="sft", disable=not (is_main and sys.stderr.isatty()))
         for step in bar:
             examples = [next(stream) for _ in range(per_rank)]
-            seq_len = max(len(ex.ids) for ex in examples) - 1
-            microbatches = [collate(examples[i : i + mbs], seq_len, tokenizer.pad_id, cfg).to(groups.device)
+            seq_len = step_seq_len(examples, cfg.model)
+            microbatches = [collate(examples[i : i + mbs], seq_len, tokenizer.pad_id, cfg)  # on the host: the forward step moves each
                             for i in range(0, per_rank, mbs)]
             for chunk in chunks:
                 chunk.zero_grad_buffer()

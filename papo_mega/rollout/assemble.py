@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from papo_mega.config import ModelConfig
+from papo_mega.models.fp8_shapes import fp8_padded_length
 from papo_mega.models.rope_index import compute_mrope_position_ids
 from papo_mega.types import PolicyMicroBatch, RolloutBatch, RolloutPrompt
 
@@ -24,7 +25,9 @@ def assemble_policy_rows(
     """Rollout rows (all, or `rows`) as one right-padded batch [R, S] (S = longest, or seq_len).
 
     advantages: [R_all] for every rollout row (sliced to `rows` here). Call once per micro-batch
-    with a common seq_len so pipeline stages see fixed shapes.
+    with a common seq_len so pipeline stages see fixed shapes. Under model.precision=fp8, S is
+    padded up to the fp8 token multiple (models/fp8_shapes.py): right padding carries no loss and,
+    causal attention looking only back, leaves every real token's log-prob unchanged.
 
     Column t is about token t+1: targets[:, t] = ids[:, t+1]; response_mask marks response tokens;
     old_logp is left empty (the no-grad forward fills it) - the rollout's own log-probs are kept
@@ -37,7 +40,7 @@ def assemble_policy_rows(
         response = rollout.response_ids[r, : int(rollout.lengths[r])]
         rows.append((prompts[g], torch.cat([prompts[g].input_ids, response])))
     longest = max(len(ids) for _, ids in rows)
-    width = seq_len or longest
+    width = fp8_padded_length(seq_len or longest, model)
     if width < longest:
         raise ValueError(f"seq_len={seq_len} is shorter than the longest prompt + response ({longest})")
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -76,8 +79,8 @@ def assemble_policy_rows(
     )
 
 
-
-
-def longest_sequence(prompts: list[RolloutPrompt], rollout: RolloutBatch) -> int:
-    """Longest prompt + response over all rows (the common seq_len for micro-batches)."""
-    return max(len(prompts[int(g)].input_ids) + int(n) for g, n in zip(rollout.prompt_index, rollout.lengths))
+def longest_sequence(prompts: list[RolloutPrompt], rollout: RolloutBatch, model: ModelConfig | None = None) -> int:
+    """Longest prompt + response over all rows (the common seq_len for micro-batches), padded to
+    the fp8 token multiple when model.precision is fp8."""
+    longest = max(len(prompts[int(g)].input_ids) + int(n) for g, n in zip(rollout.prompt_index, rollout.lengths))
+    return longest if model is None else fp8_padded_length(longest, model)

@@ -15,7 +15,11 @@
   prefill are bounded by the chunk, not by prompts_per_step (rows come back in prompt order);
 - with interleaved pipelining (vpp > 1) the forward walks the model chunks itself
   (`_forward_virtual_chunks`): megatron's interleaved schedule needs >= pp micro-batches per call;
-- with fp8, weights are cast once per prefill and the decode steps reuse TE's cached copies;
+- with fp8, weights are cast once per prefill and the decode steps reuse TE's cached copies, and
+  every GEMM's token count obeys TE's fp8 rule (models/fp8_shapes.py): the prompt length is padded
+  to the fp8 token multiple (more left padding), and decode batches keep a multiple of 8 rows -
+  inert copies of prompt 0 at first, then finished rows kept until enough have finished. Inert
+  rows are never sampled, so the real rows draw exactly what they draw without fp8 padding;
 - tokens are drawn on the last pipeline stage from logits gathered over TP and sent to the other
   stages, seeded per (seed, step, DP rank): the same responses at any TP/PP layout.
 """
@@ -33,6 +37,7 @@ from papo_mega.config import ModelConfig, RolloutConfig
 from papo_mega.distributed.runtime import ParallelGroups
 from papo_mega.errors import PapoError
 from papo_mega.models.forward import run_schedule
+from papo_mega.models.fp8_shapes import fp8_padded_length, fp8_padded_rows
 from papo_mega.models.rope_index import compute_mrope_position_ids
 from papo_mega.rollout.sampling import rollout_generator, sample_tokens, token_logprobs
 from papo_mega.types import RolloutBatch, RolloutPrompt
@@ -194,12 +199,15 @@ class MegatronEngine:
 
         device, group_size = self.groups.device, params.n
         lengths = [int(p.input_ids.numel()) for p in prompts]
-        prompt_len = max(lengths)
-        if prompt_len >= self.model.max_seq_len:
-            raise PapoError(f"a prompt of {prompt_len} tokens leaves no room in model.max_seq_len="
+        longest = max(lengths)
+        if longest >= self.model.max_seq_len:
+            raise PapoError(f"a prompt of {longest} tokens leaves no room in model.max_seq_len="
                             f"{self.model.max_seq_len}; lower data.max_prompt_len so such prompts are skipped")
         # Responses stop at the context's end (finish reason 'length'), never past it.
-        max_new = min(params.max_new_tokens, self.model.max_seq_len - prompt_len)
+        max_new = min(params.max_new_tokens, self.model.max_seq_len - longest)
+        # fp8: the prefill's rows x prompt_len tokens obey TE's GEMM rule (models/fp8_shapes.py) with
+        # extra left padding, masked like any other; the rope positions skip it.
+        prompt_len = fp8_padded_length(longest, self.model)
         total_len = prompt_len + max_new
 
         # Left-pad the prompts; key_pad marks padding keys for every later step.
@@ -222,56 +230,77 @@ class MegatronEngine:
         prefill_mask = ~(causal[None] & real[:, None, :])  # True = masked, megatron's convention
         logits = self._forward(context, ids, prompt_pos, prefill_mask[:, None], pixels, grids)
 
-        # G samples per prompt: repeat the cache rows, the positions, the key padding.
+        # G samples per prompt: repeat the cache rows, the positions, the key padding. fp8: decode
+        # batches keep a multiple of TE's row count; the extra slots are inert copies of prompt 0.
         expand = torch.arange(len(prompts)).repeat_interleave(group_size)
-        self._select_cache_rows(context, expand.to(device))
-        logits = logits[expand.to(logits.device)]
         rows = len(expand)
-        key_pad = torch.cat([~real[expand], torch.zeros(rows, max_new, dtype=torch.bool)], dim=1)
-        positions = torch.cat([prompt_pos[..., expand, :],
-                               (next_pos[expand][:, None] + torch.arange(max_new)).expand(*prompt_pos.shape[:-2], rows, max_new)
-                               if prompt_pos.dim() == 3 else next_pos[expand][:, None] + torch.arange(max_new)], dim=-1)
+        slots = torch.cat([expand, expand.new_zeros(fp8_padded_rows(rows, self.model) - rows)])
+        self._select_cache_rows(context, slots.to(device))
+        logits = logits[slots.to(logits.device)]
+        key_pad = torch.cat([~real[slots], torch.zeros(len(slots), max_new, dtype=torch.bool)], dim=1)
+        positions = torch.cat([prompt_pos[..., slots, :],
+                               (next_pos[slots][:, None] + torch.arange(max_new)).expand(*prompt_pos.shape[:-2], len(slots), max_new)
+                               if prompt_pos.dim() == 3 else next_pos[slots][:, None] + torch.arange(max_new)], dim=-1)
+        return self._decode(context, logits, key_pad, positions, prompt_len, expand, params, generator)
 
+    def _decode(self, context, logits: torch.Tensor, key_pad: torch.Tensor, positions: torch.Tensor, prompt_len: int,
+                prompt_index: torch.Tensor, params: RolloutConfig, generator: torch.Generator) -> RolloutBatch:
+        """Sample one response per prompt_index entry from the prefilled cache. Slot s of key_pad,
+        positions and the cache is response row s for s < rows; later slots are inert fp8 filler."""
+        device, max_new, rows = self.groups.device, key_pad.shape[1] - prompt_len, len(prompt_index)
         tokens_out = torch.full((rows, max_new), self.pad_token_id, dtype=torch.long)
         logprobs_out = torch.zeros(rows, max_new)
         finish = ["length"] * rows
         out_len = torch.zeros(rows, dtype=torch.long)
-        live = torch.arange(rows)  # original row index of each batch row
+        batch = torch.arange(len(key_pad))  # slot of each batch row
+        active = batch < rows  # batch rows still writing a response (their slot is their response row)
         for t in range(max_new):
-            allowed = logits.index_fill(1, self.banned.to(logits.device), float("-inf"))
+            live = torch.nonzero(active).flatten()
+            row_of = batch[live]
+            # Only live rows draw: inert rows leave the generator's stream as it is without them.
+            live_logits = logits[live.to(logits.device)]
+            allowed = live_logits.index_fill(1, self.banned.to(logits.device), float("-inf"))
             tokens = sample_tokens(allowed, params.temperature, params.top_k, params.top_p, generator)
-            logp = token_logprobs(logits, tokens, params.temperature)
+            logp = token_logprobs(live_logits, tokens, params.temperature)
             tokens, logp = self._share_last_stage(tokens.to(device), logp.to(device))
             tokens, logp = tokens.cpu(), logp.cpu()
-            tokens_out[live, t] = tokens
-            logprobs_out[live, t] = logp
-            out_len[live] = t + 1
+            tokens_out[row_of, t] = tokens
+            logprobs_out[row_of, t] = logp
+            out_len[row_of] = t + 1
             done = torch.isin(tokens, self.stop_token_ids)
             for i in torch.nonzero(done).flatten().tolist():
-                finish[int(live[i])] = "eos"
+                finish[int(row_of[i])] = "eos"
             if params.stop and self.decode is not None:
                 for i in torch.nonzero(~done).flatten().tolist():
-                    row = int(live[i])
+                    row = int(row_of[i])
                     text = self.decode(tokens_out[row, : t + 1].tolist())
                     if any(s in text for s in params.stop):
                         finish[row], done[i] = "stop", True
-            if t == max_new - 1:
+            if t == max_new - 1 or bool(done.all()):
                 break
-            keep = torch.nonzero(~done).flatten()
-            if keep.numel() == 0:
-                break
-            if keep.numel() < len(live):  # free finished rows' slots
-                live, tokens = live[keep], tokens[keep]
+            active = torch.zeros_like(active).index_fill_(0, live[~done], True)
+            keep = self._rows_to_keep(active)
+            if keep.numel() < len(batch):  # free finished rows' slots
+                batch, active = batch[keep], active[keep]
                 self._select_cache_rows(context, keep.to(device))
+            step_tokens = torch.full((len(batch),), self.pad_token_id, dtype=torch.long)
+            step_tokens[active] = tokens_out[batch[active], t]
             seen = prompt_len + t + 1
-            mask = key_pad[live, :seen][:, None, None, :]
-            logits = self._forward(context, tokens[:, None], positions[..., live, :seen], mask)
+            mask = key_pad[batch, :seen][:, None, None, :]
+            logits = self._forward(context, step_tokens[:, None], positions[..., batch, :seen], mask)
 
         steps = torch.arange(max_new)[None, :]
         response_mask = (steps < out_len[:, None]).float()
-        return RolloutBatch(prompt_index=expand, response_ids=tokens_out.masked_fill(response_mask == 0, self.pad_token_id),
+        return RolloutBatch(prompt_index=prompt_index, response_ids=tokens_out.masked_fill(response_mask == 0, self.pad_token_id),
                             response_mask=response_mask, logprobs=logprobs_out * response_mask,
                             lengths=out_len, finish_reason=finish)
+
+    def _rows_to_keep(self, active: torch.Tensor) -> torch.Tensor:
+        """Batch rows for the next decode step, in order: the live ones and, under fp8, finished ones
+        kept as inert filler up to TE's row multiple (the batch is such a multiple already)."""
+        live = torch.nonzero(active).flatten()
+        filler = torch.nonzero(~active).flatten()[: fp8_padded_rows(len(live), self.model) - len(live)]
+        return torch.sort(torch.cat([live, filler])).values
 
 
 def prompt_chunks(lengths: list[int], group_size: int, max_batch_rows: int) -> list[list[int]]:
