@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from papo_mega.errors import PapoError
-from papo_mega.model_dir import model_sharded_state_dict, unwrap
+from papo_mega.model_dir import load_chunk_states, load_sharded, model_sharded_state_dict, unwrap
 from papo_mega.optim_state import (
     optimizer_has_state,
     optimizer_kind,
@@ -541,8 +541,6 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler, gro
     if restore_optimizer:
         _check_optimizer(path, meta, kind, layout)
 
-    from megatron.core import dist_checkpointing
-
     model_sd = model_sharded_state_dict(chunks)
     sharded: dict = {"model": model_sd}
     if restore_optimizer:
@@ -550,15 +548,16 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler, gro
         fmt = meta["optimizer"]["format"] if kind == "distributed" else DISTOPT_FORMAT
         sharded["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=optimizer_metadata(kind, fmt))
+    hint = " or pass checkpoint.load_optimizer=false" if restore_optimizer else ""
     try:
-        loaded = dist_checkpointing.load(sharded, str(path))
+        loaded = load_sharded(sharded, path, fix=f"check the checkpoint matches this model{hint}")
+    except PapoError:
+        raise
     except (Exception, _checkpoint_exception()) as err:  # noqa: BLE001 - megatron's reasons are many
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        hint = " or pass checkpoint.load_optimizer=false" if restore_optimizer else ""
         raise PapoError(f"could not load {path} ({type(err).__name__}: {first[:300]}); check the checkpoint "
                         f"matches this model{hint}") from None
-    for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
+    load_chunk_states(chunks, loaded["model"])
     if restore_optimizer:
         # megatron 0.16's dp_reshardable load copies into views of the (fp32) weights; outside
         # no_grad autograd refuses the in-place copy.

@@ -5,7 +5,10 @@
 
 What convert_hf_to_mcore.py writes, SFT and RL training export, and eval, export and training
 load (`algo.init_from`). Every rank writes only its shards, keyed by global names with global
-offsets, so weights written at TP2xPP2 load at TP1, PP2 or any other layout.
+offsets, so weights written at TP2xPP2 load at TP1, PP2 or any other layout, and with either layer
+spec: Transformer Engine's modules add `_extra_state` entries (fp8 metadata) that a checkpoint
+written with the local spec lacks, and a TE-written checkpoint carries entries the local spec does
+not ask for. `load_sharded` and `load_chunk_states` tolerate exactly those and nothing else.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from papo_mega.errors import PapoError
+from papo_mega.models.te_names import is_extra_state
 
 
 def unwrap(chunk):
@@ -34,16 +38,43 @@ def save_model(chunks, directory: str | Path) -> None:
     dist_checkpointing.save(model_sharded_state_dict(chunks), str(directory))
 
 
+def load_sharded(sharded: dict, directory: str | Path,
+                 fix: str = "check the model config and the checkpoint path") -> dict:
+    """megatron's dist_checkpointing.load, with extra state absent from the checkpoint left out.
+
+    megatron's StrictHandling.RETURN_UNEXPECTED reads the checkpoint's metadata, drops the requested
+    entries it lacks ("unexpected" in megatron's terms) and returns their keys; entries the
+    checkpoint holds but nobody asks for are ignored, as by default. Only extra state may be
+    absent: a missing weight is an error, as it was before (then raised inside torch's DCP).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    loaded, _, unexpected = dist_checkpointing.load(sharded, str(directory), strict=StrictHandling.RETURN_UNEXPECTED)
+    absent = sorted(key for key in unexpected if not is_extra_state(key))
+    if absent:
+        raise PapoError(f"{directory} lacks {len(absent)} tensors this model needs ({', '.join(absent[:3])}); "
+                        f"it was written for a different model: {fix}")
+    return loaded
+
+
+def load_chunk_states(chunks, states: dict) -> None:
+    """Load each chunk's entry of a loaded state dict; absent extra state keeps the module's own
+    (TE's set_extra_state(None) does nothing either, and megatron's local linears default it to None)."""
+    for i, chunk in enumerate(chunks):
+        result = unwrap(chunk).load_state_dict(states[f"chunk{i}"], strict=False)
+        wrong = [k for k in (*result.missing_keys, *result.unexpected_keys) if not is_extra_state(k)]
+        if wrong:
+            raise PapoError(f"chunk {i} does not match its checkpoint ({', '.join(wrong[:3])}); "
+                            f"check the model config")
+
+
 def load_model(chunks, directory: str | Path) -> None:
     """Load a model checkpoint written at any layout into this layout's chunks (collective)."""
-    from megatron.core import dist_checkpointing
-
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
         raise PapoError(f"{directory} is not a megatron distributed checkpoint (no metadata.json); check the path")
-    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(directory))
-    for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(loaded[f"chunk{i}"])
+    load_chunk_states(chunks, load_sharded(model_sharded_state_dict(chunks), directory))
 
 
 def load_model_dir(ckpt_dir: str | Path, groups, precision: str | None = None):

@@ -2,7 +2,9 @@
 
 Every rank of a tp*pp job builds its chunks of the model, then fills them unit by unit (the
 global tensors, one decoder layer, the vision tower): it reads only the HF tensors of units it
-holds, maps them to full single-process tensors, keeps its shard and drops the rest. Peak memory
+holds, maps them to full single-process tensors, keeps its shard and drops the rest. Parameters
+are matched by their local-spec names (`named_local_params`), so a model built with Transformer
+Engine's spec (fused norms named `linear_qkv.layer_norm_weight`) fills the same way. Peak memory
 is this rank's shard plus one unit's full tensors. The checkpoint is written under a temporary
 name and renamed when complete.
 

@@ -16,12 +16,14 @@ from papo_mega.convert.hf_to_mcore import TORCH_DTYPES
 from papo_mega.convert.safetensors_io import write_safetensors
 from papo_mega.errors import PapoError
 from papo_mega.models.lm_hf import lm_mcore_to_hf
+from papo_mega.models.te_names import to_local_name
 
 
 def full_state_to_hf(ours: dict[str, torch.Tensor], model, vision, dtype: str) -> dict[str, torch.Tensor]:
-    """Our full single-process tensors -> HF hub-named tensors in the original dtype."""
+    """Our full single-process tensors (either layer spec's names) -> HF hub-named tensors in the original dtype."""
     from papo_mega.models.vision_hf import vision_mcore_to_hf
 
+    ours = {to_local_name(k): v for k, v in ours.items()}
     tower = {k[len("vision."):]: v for k, v in ours.items() if k.startswith("vision.")}
     hf = lm_mcore_to_hf(ours, model)
     hf.update(vision_mcore_to_hf(tower, vision))

@@ -1,10 +1,16 @@
 """How a megatron-core parameter's local shard relates to the single-process tensor.
 
-Both directions live here: `named_local_params` (pipeline-local names -> global names),
+Both directions live here: `named_local_params` (pipeline-local names -> global local-spec names),
 `gather_full_tensors` (shards -> full tensors, for tests, sanity checks and export) and
 `take_local_shard` (full tensor -> this rank's shard, for layout-invariant initialisation and
 loading). Tensor-parallel shards split along `param.partition_dim`; SwiGLU's fc1 holds
 [gate_r; up_r] on rank r, so its halves are split and re-joined separately.
+
+Names are the local spec's under either layer spec (papo_mega/models/te_names.py): Transformer
+Engine's fused norms (`linear_qkv.layer_norm_weight`) are reported as `input_layernorm.weight`, so
+init seeds, HF conversion and gathered tensors do not depend on the spec. Which tensors are split
+is read from megatron's parameter attributes (`tensor_model_parallel`, `partition_dim`), which TE's
+layers set the same way (weights and column biases split, fused norm weights replicated).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from papo_mega.distributed.runtime import ParallelGroups
+from papo_mega.models.te_names import to_local_name
 
 _LAYER = re.compile(r"^(?:.*\.)?decoder\.layers\.\d+\.")
 _GATED = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")
@@ -32,10 +39,11 @@ def _layer_renames(module) -> dict[str, str]:
 
 
 def named_local_params(chunk) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """(single-process name, local parameter) for a chunk (DDP-wrapped or not).
+    """(single-process local-spec name, local parameter) for a chunk (DDP-wrapped or not).
 
-    Pipeline-local layer indexes become global ones. The tied output weight on the last stage is
-    reported under the embedding's name: it mirrors the first stage's embedding.
+    Pipeline-local layer indexes become global ones and TE's names become the local spec's. The
+    tied output weight on the last stage is reported under the embedding's name: it mirrors the
+    first stage's embedding.
     """
     module = getattr(chunk, "module", chunk)
     renames = _layer_renames(module)
@@ -46,7 +54,7 @@ def named_local_params(chunk) -> Iterator[tuple[str, torch.nn.Parameter]]:
         if match:
             prefix = name[: match.end()]
             name = renames.get(prefix, prefix) + name[match.end():]
-        yield name, param
+        yield to_local_name(name), param
 
 
 def _is_split(param, groups: ParallelGroups) -> bool:

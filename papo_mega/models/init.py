@@ -4,7 +4,9 @@ megatron-core draws initial weights from one RNG stream in construction order, s
 stage that builds layers 2-3 first draws different numbers than a single process does. Here
 every full parameter is drawn from its own generator seeded by (seed, single-process name) and
 each rank keeps its shard: changing the layout never changes the model. Tests rely on it, and
-users get runs that are comparable across layouts.
+users get runs that are comparable across layouts. Names are normalised to the local spec's
+(models/te_names.py), so Transformer Engine's fused norms (`linear_qkv.layer_norm_weight`) start at
+1 and every tensor is the one the local spec draws.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import torch
 
 from papo_mega.distributed.runtime import ParallelGroups
 from papo_mega.distributed.sharding import full_shape, named_local_params, take_local_shard
+from papo_mega.models.te_names import to_local_name
 
 
 def init_value(name: str, shape: tuple[int, ...], seed: int, std: float, num_layers: int) -> torch.Tensor:
-    """The full initial tensor for one parameter (megatron's conventions, name-seeded)."""
+    """The full initial tensor for one parameter (megatron's conventions, name-seeded; either spec's name)."""
+    name = to_local_name(name)
     if name.endswith(("layernorm.weight", "norm.weight")):
         return torch.ones(shape)
     if name.endswith(".bias"):
