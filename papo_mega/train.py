@@ -218,13 +218,14 @@ class PapoTrainer:
         cfg = self.cfg
         prompts = [p.prompt for p in groups.prompts]
         masked = [p.views.get("masked") for p in groups.prompts] if cfg.loss.needs_masked_view else None
-        seq_len = longest_sequence(prompts, groups.rollout)
+        seq_len = longest_sequence(prompts, groups.rollout, cfg.model)  # fp8: padded to TE's token multiple
         rows = len(groups.rollout.lengths)
         mbs = cfg.train.micro_batch_size
         batches = [assemble_policy_rows(prompts, groups.rollout, advantages, cfg.model, cfg.vision.spatial_merge_size,
                                         self.tokenizer.pad_id, masked, seq_len, range(lo, min(lo + mbs, rows)))
                    for lo in range(0, rows, mbs)]
-        batches = [b.to(self.groups.device) for b in batches]
+        # On the host (pinned on CUDA): the forward steps move each micro-batch when they reach it.
+        batches = [b.to_host(self.groups.device) for b in batches]
         batches = attach_old_logprobs(self.chunks, self.groups, batches, cfg.loss)
         if self.reference is not None:
             refs = compute_logprobs(self.reference, self.groups, batches, cfg.loss.temperature, views=("original",))
@@ -234,15 +235,9 @@ class PapoTrainer:
 
     # -- stage 6-7: PPO updates ---------------------------------------------------------------
     def _grads_finite(self) -> bool:
-        bad = torch.zeros(1, device=self.groups.device)
-        for chunk in self.chunks:
-            for param in chunk.parameters():
-                grad = getattr(param, "main_grad", None)
-                if grad is not None and not bool(torch.isfinite(grad).all()):
-                    bad.fill_(1.0)
-                    break
+        bad = nonfinite_grad_flag(self.chunks, self.groups.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank takes the same decision
-        return bad.item() == 0.0
+        return bad.item() == 0.0  # the one host sync
 
     def _update(self, batches: list[PolicyMicroBatch]) -> list[dict]:
         """PPO epochs x updates of global_batch_size responses; one metrics dict per update."""
@@ -313,6 +308,19 @@ class PapoTrainer:
             tokens_per_s=generated / max(times["rollout_and_reward"], 1e-9), times=times,
             extra={**dapo, "data/skipped_prompts": float(self.counters["skipped_prompts"])},
         )
+
+
+def nonfinite_grad_flag(chunks, device) -> torch.Tensor:
+    """[1] float on `device`: 1.0 if any parameter's main_grad holds a NaN/inf, else 0.0.
+
+    One device-side reduction with no host sync (a per-parameter bool() waits for the GPU once
+    per parameter); the caller reads it once, after the all-reduce.
+    """
+    grads = [p.main_grad for chunk in chunks for p in chunk.parameters() if getattr(p, "main_grad", None) is not None]
+    if not grads:
+        return torch.zeros(1, device=device)
+    finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+    return torch.logical_not(finite).float().reshape(1).to(device)
 
 
 def _select_groups(kept: list[tuple[RolloutGroups, int]], n: int) -> RolloutGroups:

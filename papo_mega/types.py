@@ -68,9 +68,37 @@ class PolicyMicroBatch:
     ref_logp: torch.Tensor | None = None
     """[B, S] log-probs under the frozen reference model."""
 
-    def to(self, device) -> PolicyMicroBatch:
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+    def to(self, device, fields: tuple[str, ...] | None = None, non_blocking: bool = False) -> PolicyMicroBatch:
+        """A copy with `fields` (default: all) on `device`; the other fields stay where they are."""
+        names = self.__dict__ if fields is None else fields
+        moved = {k: getattr(self, k).to(device, non_blocking=non_blocking) for k in names
+                 if isinstance(getattr(self, k), torch.Tensor)}
         return replace(self, **moved)
+
+    def to_host(self, device) -> PolicyMicroBatch:
+        """A host copy, page-locked when `device` is a CUDA device (so the forward step's copies
+        to the device can be non_blocking); plain host memory otherwise."""
+        moved = {k: to_host(v, device) for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
+        return replace(self, **moved)
+
+
+MODEL_FIELDS = ("input_ids", "position_ids")
+"""What the language model reads on every pipeline stage (the rotary positions are per layer)."""
+PIXEL_FIELDS = ("pixel_values", "masked_pixel_values", "image_grid_thw", "image_index")
+"""What only the vision tower reads: the chunk with pre_process (pipeline stage 0, virtual chunk 0)."""
+LOSS_FIELDS = ("targets", "response_mask", "advantages", "old_logp", "masked_logp", "masked_entropy", "ref_logp")
+"""What only the loss reads: the last pipeline stage."""
+
+
+def to_host(tensor: torch.Tensor, device) -> torch.Tensor:
+    """`tensor` on the host, pinned when `device` is CUDA and CUDA is up (see PolicyMicroBatch.to_host)."""
+    pin = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    if tensor.device.type == "cpu" and (not pin or tensor.is_pinned()):
+        return tensor
+    if not pin:
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor)
 
 
 @dataclass

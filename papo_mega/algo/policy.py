@@ -18,6 +18,7 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+from megatron.core.utils import get_attr_wrapped_model
 
 from papo_mega.algo.logprobs import vocab_parallel_logprobs
 from papo_mega.algo.losses import compute_papo_loss
@@ -27,7 +28,7 @@ from papo_mega.config import LossConfig
 from papo_mega.distributed.runtime import ParallelGroups
 from papo_mega.errors import PapoError
 from papo_mega.models.forward import run_schedule
-from papo_mega.types import PolicyMicroBatch
+from papo_mega.types import LOSS_FIELDS, MODEL_FIELDS, PIXEL_FIELDS, PolicyMicroBatch, to_host
 
 
 def _check_uniform(microbatches: list[PolicyMicroBatch], groups: ParallelGroups) -> None:
@@ -45,10 +46,23 @@ def _run_schedule(chunks, microbatches, forward_step, forward_only: bool, rows_p
                         micro_batch_size=batch * rows_per_sequence, forward_only=forward_only)
 
 
-def _model_output(model, mb: PolicyMicroBatch, views: tuple[str, ...]):
-    inputs = stack_views(mb, views)
+def _model_output(model, mb: PolicyMicroBatch, views: tuple[str, ...], device):
+    inputs = stack_views(_model_side(mb, model, device), views)
     return model(inputs.input_ids, inputs.position_ids, pixel_values=inputs.pixel_values,
                  image_grid_thw=inputs.image_grid_thw, image_index=inputs.image_index)
+
+
+def _model_side(mb: PolicyMicroBatch, model, device) -> PolicyMicroBatch:
+    """What this model chunk reads, moved to the device now that the schedule has reached it.
+
+    Micro-batches wait on the host (pinned on CUDA, so the copy overlaps): device memory holds
+    the micro-batch in flight, not the step's. Pixels go only to the chunk that runs the vision
+    tower (megatron's pre_process: virtual chunk 0 of pipeline stage 0); the loss-side fields
+    move in the loss function, which runs on the last stage only.
+    """
+    if get_attr_wrapped_model(model, "pre_process"):
+        return mb.to(device, MODEL_FIELDS + PIXEL_FIELDS, non_blocking=True)
+    return replace(mb.to(device, MODEL_FIELDS, non_blocking=True), **dict.fromkeys(PIXEL_FIELDS))
 
 
 def compute_logprobs(chunks, groups: ParallelGroups, microbatches: list[PolicyMicroBatch], temperature: float,
@@ -62,10 +76,10 @@ def compute_logprobs(chunks, groups: ParallelGroups, microbatches: list[PolicyMi
 
     def forward_step(data_iterator, model):
         mb: PolicyMicroBatch = next(data_iterator)
-        logits = _model_output(model, mb, views)
+        logits = _model_output(model, mb, views, groups.device)
 
         def collect(output):
-            targets = mb.targets.repeat(len(views), 1)
+            targets = mb.to(groups.device, ("targets",), non_blocking=True).targets.repeat(len(views), 1)
             logp, entropy = vocab_parallel_logprobs(output, targets, groups.tp, temperature, with_entropy)
             result = split_views(logp, views)
             if with_entropy:
@@ -85,7 +99,9 @@ def compute_logprobs(chunks, groups: ParallelGroups, microbatches: list[PolicyMi
                   else torch.empty(len(keys), *mb.input_ids.shape, device=groups.device))
         packed = packed.contiguous()
         dist.broadcast(packed, src=last, group=groups.pp)
-        out.append(dict(zip(keys, packed.unbind(0))))
+        # Kept on the host with the micro-batch they belong to: device memory holds the
+        # micro-batches in flight only, not the step's log-probs.
+        out.append(dict(zip(keys, to_host(packed, groups.device).unbind(0))))
     return out
 
 
@@ -124,10 +140,11 @@ def papo_forward_backward(chunks, groups: ParallelGroups, microbatches: list[Pol
     num_tokens = count_response_tokens([mb.response_mask for mb in microbatches], groups)
 
     def forward_step(data_iterator, model):
-        mb: PolicyMicroBatch = next(data_iterator)
-        logits = _model_output(model, mb, views)
+        host_mb: PolicyMicroBatch = next(data_iterator)
+        logits = _model_output(model, host_mb, views, groups.device)
 
-        def loss_func(output):
+        def loss_func(output):  # the last stage only
+            mb = host_mb.to(groups.device, LOSS_FIELDS, non_blocking=True)
             targets = mb.targets.repeat(len(views), 1)
             logp, entropy = vocab_parallel_logprobs(output, targets, groups.tp, cfg.temperature, full_entropy)
             logp_views = split_views(logp, views)

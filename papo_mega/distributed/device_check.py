@@ -67,6 +67,9 @@ _P2P = ("isend", "irecv")
 _CROSS_DEVICE_OK = {torch.Tensor.to, torch.Tensor.copy_, torch.Tensor.cpu, torch.Tensor.type_as,
                     torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.data.__set__}
 _TRANSFERS = {torch.Tensor.to, torch.Tensor.type_as}
+# Reading a device tensor's values on the host waits for the GPU: a host sync.
+_HOST_READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
+               torch.Tensor.__float__, torch.Tensor.__index__}
 _DEVICE_GETTER = torch.Tensor.device.__get__  # a fresh method-wrapper per access: compare with ==
 
 
@@ -147,12 +150,17 @@ class DeviceTaggingMode(TorchFunctionMode):
         super().__init__()
         self.moved_bytes = 0
         """Bytes of host tensors copied to the device (``.to``/``.cuda()``/``copy_`` into a device tensor)."""
+        self.host_syncs = 0
+        """Reads of a device tensor's values on the host (``tolist``, ``item``, ``bool``/``int``/``float``):
+        each waits for the GPU to finish the work queued so far."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func == _DEVICE_GETTER and place_of(args[0]) == DEVICE:
             return EMULATED_DEVICE  # code that allocates "next to" a device tensor names cuda, as on a GPU
         inputs = _tensors((args, kwargs))
+        if func in _HOST_READS and place_of(args[0]) == DEVICE:
+            self.host_syncs += 1
         if func not in _CROSS_DEVICE_OK:
             _check_same_device(func, inputs)
         target = self._target(func, args, kwargs, inputs)
@@ -212,6 +220,11 @@ def tag_modules_on_device(modules: Iterable[torch.nn.Module]) -> None:
         for buffer in module.__dict__.get("buffers", []):
             tensors += [t for t in (getattr(buffer, "grad_data", None), getattr(buffer, "param_data", None))
                         if t is not None]
+        # Plain tensor attributes are module state megatron puts on the device too (on CUDA, where
+        # use_cpu_initialization is off): e.g. RotaryEmbedding.inv_freq, made with
+        # device=torch.cuda.current_device() and not registered as a buffer.
+        for sub in module.modules():
+            tensors += [v for v in vars(sub).values() if isinstance(v, torch.Tensor)]
         for tensor in tensors:
             set_place(tensor, DEVICE)
 

@@ -186,7 +186,7 @@ def compute_rotary_freqs(positions: torch.Tensor, head_dim: int, theta: float = 
     angles are repeated for the second half of the head, matching rotate_half (HF's vision rope).
     """
     half = head_dim // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float) / half))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float, device=positions.device) / half))
     angles = positions[..., None].float() * inv_freq  # [s, 2, head_dim / 4]
     per_axis = torch.cat([angles[:, 0], angles[:, 1]], dim=-1)
     return torch.cat([per_axis, per_axis], dim=-1)
@@ -327,12 +327,15 @@ class QwenVisionTower(MegatronModule):
 
         Output rows follow the input images and patches (HF's visual() order).
         """
-        packing = compute_vision_packing(grid_thw.cpu(), self.vision_cfg).to(pixel_values.device)
+        host_packing = compute_vision_packing(grid_thw.cpu(), self.vision_cfg)
+        # Segment lengths, not s x s masks: each frame / window attends within itself only. They stay
+        # on the host: the packed attention reads them as Python ints in every layer, which on a
+        # device tensor would wait for the GPU twice per layer.
+        frames, windows = segment_lengths(host_packing.frame_ids), segment_lengths(host_packing.window_ids)
+        packing = host_packing.to(pixel_values.device)
         hidden = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
         hidden = hidden[packing.token_order].unsqueeze(1)  # [s, b=1, hidden]
         freqs = compute_rotary_freqs(packing.positions, self.head_dim)[:, None, None, :]
-        # Segment lengths, not s x s masks: each frame / window attends within itself only.
-        frames, windows = segment_lengths(packing.frame_ids), segment_lengths(packing.window_ids)
         for i, layer in enumerate(self.layers):
             mask = frames if i in self.vision_cfg.fullatt_block_indexes else windows
             hidden, _ = layer(hidden, attention_mask=mask, rotary_pos_emb=freqs)
