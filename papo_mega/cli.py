@@ -86,7 +86,7 @@ def _cmd_plot(args) -> int:
 def _cmd_plan(args) -> int:
     """Memory per GPU and an estimated step time for every TP/PP/DP layout (papo_mega/plan.py)."""
     from papo_mega.distributed.runtime import quiet_known_warnings
-    from papo_mega.plan import format_plan, plan, require_fit
+    from papo_mega.plan import plan, require_fit
 
     quiet_known_warnings()  # megatron's "Transformer Engine / Apex not installed" on a login node
 
@@ -94,6 +94,76 @@ def _cmd_plan(args) -> int:
     print(format_plan(result))
     require_fit(result)  # no layout fits: one line naming the reason, exit 2
     return 0
+
+
+ASSUMED = "assumed, to be measured on GPU (tools/gpu_check.py)"
+
+
+def format_plan(result, top: int = 5) -> str:
+    """`papo-mega plan`'s output: every layout (best fitting first) by term, then the best layout's
+    busiest stage term by term against the GPU's physical memory."""
+    from papo_mega.plan import GB, MODEL_FLOPS_UTILISATION
+
+    order = result.fitting + [p for p in sorted(result.layouts, key=lambda p: p.memory.total) if not p.fits]
+    cols = ("layout", "stage", "weights", "grads", "optim", "ref", "fp8 cache", "kv", "act+logits", "rollout_pk",
+            "train_pk", "runtime", "peak GB", "fits", "step s*")
+    lines = [f"{result.model} on {result.gpus} x {result.device.name} ({result.precision}, recompute "
+             f"{result.recompute})", _row(cols)]
+    for p in order:
+        e = p.memory
+        lines.append(_row((str(p.layout), str(e.stage), *(f"{x / GB:.1f}" for x in (
+            e.weights, e.grads, e.optimizer, e.reference, e.fp8_weight_cache, e.kv_cache, e.activations + e.logits,
+            e.rollout_peak, e.train_peak, e.fragmentation + e.cuda_runtime + e.nccl, e.total)),
+            "yes" if p.fits else "no", f"{p.step_s:.0f}")))
+    lines.append(f"* estimated step time (rollout + updates) at {MODEL_FLOPS_UTILISATION:.0%} MFU; memory is the "
+                 "busiest pipeline stage, GB = 1e9 bytes; runtime = fragmentation + CUDA context and workspaces + NCCL")
+    if result.fitting:
+        lines.append(f"fits: best layouts {', '.join(str(p.layout) for p in result.fitting[:top])}")
+    if order:
+        lines += ["", *format_memory(result, order[0])]
+    return "\n".join(lines)
+
+
+def _row(cells) -> str:
+    return "  ".join(f"{c:>16}" if i == 0 else f"{c:>10}" for i, c in enumerate(cells))
+
+
+def format_memory(result, lp) -> list[str]:
+    """One layout's busiest stage, one line per memory term with where its figure comes from."""
+    from papo_mega.plan import GB
+
+    e, device, layout = lp.memory, result.device, lp.layout
+    m = "model, CPU-calibrated (tests/distributed/test_plan_calibration.py)"
+    terms = [
+        ("weights", e.weights, "exact parameter count x param bytes"),
+        ("grads (fp32 main_grad)", e.grads, "exact"),
+        ("optimizer (Adam, fp32 master; /dp)", e.optimizer, "exact"),
+        ("reference model", e.reference, "exact"),
+        ("TE fp8 weights + transposes", e.fp8_weight_cache, f"exact shapes, 2 B/param; {ASSUMED}"),
+        *([("per-process overhead", e.overhead, "measured on CPU")] if not device.cuda else []),
+        ("= model state", e.state, ""),
+        ("rollout: KV cache", e.kv_cache, "exact shapes (one generate batch at full length)"),
+        ("rollout: prefill transient", e.rollout_transient, "model: the largest layer's temporaries"),
+        ("rollout: prompts on the device", e.rollout_inputs, "ids + pixels of one generate batch"),
+        ("= rollout peak", e.rollout_peak, ""),
+        (f"training: activations ({e.in_flight:g} in flight)", e.activations, m),
+        ("training: recompute working set", e.recompute_working, "one layer's activations (full recompute)"),
+        ("training: logits", e.logits, m),
+        ("training: micro-batch on the device", e.train_inputs, "ids + pixels (first stage), loss inputs (last)"),
+        ("= training peak", e.train_peak, ""),
+        (f"allocator fragmentation ({e.fragmentation_fraction:.0%})", e.fragmentation, ASSUMED),
+        ("CUDA context, cuBLAS/TE workspaces", e.cuda_runtime, ASSUMED),
+        (f"NCCL ({e.nccl_communicators} communicators)", e.nccl, ASSUMED),
+        ("= total", e.total, "max(rollout, training peak) + the three above"),
+    ]
+    lines = [f"memory per GPU of {layout}, stage {e.stage} (the busiest), GB:"]
+    lines += [f"  {name:<42}{value / GB:>8.2f}  {source}".rstrip() for name, value, source in terms]
+    usable = device.usable_bytes
+    verdict = f"fits, {(usable - e.total) / GB:.1f} GB to spare" if e.total <= usable else \
+        f"does not fit, {(e.total - usable) / GB:.1f} GB over"
+    lines.append(f"  against {device.name}: {device.memory_bytes / GB:.2f} GB physical ({device.memory_mib:.0f} MiB) "
+                 f"x {usable / device.memory_bytes:.0%} usable = {usable / GB:.2f} GB: {verdict}")
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,29 +2,15 @@
 
     papo-mega plan --model qwen2.5-vl-72b --gpus 32 [--gpu h100-80gb] [--config RECIPE.yaml] [overrides]
 
-The memory model follows what papo_mega builds (docs/scaling.md, "The planner"):
-
-* model state per rank: weights (param dtype), grads (megatron DDP keeps fp32 `main_grad` buffers,
-  `grad_reduce_in_fp32=True` in optim.py), Adam moments (2 x fp32) and, for bf16/fp8 params, an
-  fp32 master copy - both sharded across DP by the distributed optimizer. fp32 params need no
-  master copy (megatron's optimizer steps the fp32 params themselves);
-* the frozen reference model (loss.kl_coef > 0): weights only;
-* rollout: the StaticInferenceContext KV cache of one generate batch - all this rank's prompts x
-  rollout.n rows, or rollout.max_batch_rows of them when set (engine.py decodes chunks one after
-  another) - at prompt + max_new_tokens positions, plus the batch's no-grad prefill's largest
-  layer transient;
-* training: activations of the micro-batches in flight (1F1B: stage k holds pp - k of them) at
-  rows x (prompt + response) tokens, with the recipe's model.recompute (megatron's activation
-  recomputation in the language model; --recompute overrides it), plus the logits on the last
-  stage: a PAPO/GRPO step's chunked log-probs (algo/logprobs.py) keep the logits and their
-  gradient in the param dtype plus two fp32 chunk buffers; the LM step's megatron cross-entropy
-  keeps an fp32 copy and the fp32 softmax beside the logits;
-  the no-grad log-prob forward runs [original; masked] rows together when PAPO needs the masked
-  view; the vision tower (first stage) sees every row's image at data.max_pixels (worst case).
-
-The step time is an estimate: matmul FLOPs at MODEL_FLOPS_UTILISATION of the GPU's dense peak,
-memory-bound decode (weights + KV read per token and chunk / HBM bandwidth), the 1F1B bubble and a rough
-tensor-parallel all-reduce cost. Pure functions; the CLI only formats `plan()`'s result.
+The memory model follows what papo_mega builds, term by term (docs/scaling.md, "The planner"): model
+state (weights, fp32 main_grad, Adam + fp32 master sharded over DP, the reference model, TE's fp8
+weight caches); the rollout (one generate batch's KV cache at full length, its prefill transient and
+inputs); training (activations of the micro-batches in flight under (interleaved) 1F1B with
+model.recompute, full recomputation's one-layer working set, the last stage's logits as the loss keeps
+them, the micro-batch in its forward step); and on GPUs the CUDA runtime, NCCL and allocator
+fragmentation, against the GPU's physical memory. The step time is an estimate: matmul FLOPs at
+MODEL_FLOPS_UTILISATION of the dense peak, memory-bound decode, the 1F1B bubble and TP all-reduces.
+Pure functions; the CLI only formats `plan()`'s result.
 """
 
 from __future__ import annotations
@@ -34,27 +20,41 @@ from pathlib import Path
 
 from papo_mega.config import Config, ModelConfig, VisionConfig
 from papo_mega.errors import ConfigError, PapoError
-from papo_mega.models.param_shapes import layer_shapes, numel, rank_shapes, vision_shapes
+from papo_mega.models.param_shapes import fp8_gemm_params, layer_shapes, numel, rank_shapes, vision_shapes
+from papo_mega.plan_gpu import (
+    CUDA_RUNTIME_GB,
+    FP8_WEIGHT_CACHE_BYTES,
+    FRAGMENTATION_FRACTION,
+    LOSS_BYTES_PER_TOKEN,  # noqa: F401 - re-exported: tests and callers read the planner's constants here
+    device_input_bytes,
+    nccl_bytes,
+    nccl_groups,
+    train_input_bytes,
+)
 
 GB = 1e9
 GIB = 2**30
+MIB = 2**20
 MODEL_FLOPS_UTILISATION = 0.40
 """Assumed share of the dense peak that training / prefill matmuls reach (a planning figure, not measured)."""
 GPUS_PER_NODE = 8
 """Tensor parallelism stays inside a node (NVLink); larger TP degrees are not enumerated."""
-GPU_USABLE_FRACTION = 0.92
-"""Share of GPU memory a layout may plan for: CUDA context, NCCL buffers and allocator fragmentation take the rest."""
+GPU_USABLE_FRACTION = 0.95
+"""Share of physical memory a layout may plan for: context, NCCL and fragmentation are terms of their
+own; this margin is for what none models (optimizer-step temporaries, fp8 scaling state, cuDNN plans)."""
 RECOMPUTE = ("none", "selective", "full")
 STEP_TIME_TIE = 0.02
 """Estimated step times closer than this (relative) count as equal when ranking layouts."""
-
+FP8_TOKEN_MULTIPLE = 16
+"""Under fp8, token counts are padded to a multiple of 16 (TE's fp8 GEMMs): the planner plans padded lengths."""
 
 @dataclass(frozen=True)
 class DeviceProfile:
     """What the planner needs to know about one accelerator."""
 
     name: str
-    memory_gb: float
+    memory_mib: float
+    """Physical memory as nvidia-smi reports it (MiB)."""
     bf16_tflops: float
     fp8_tflops: float | None
     hbm_tb_s: float
@@ -70,17 +70,27 @@ class DeviceProfile:
     """Memory a training process adds that no term models: on CPU, measured as the mean gap over the
     calibration runs (tests/distributed/test_plan_calibration.py: 0.11-0.19 GB at four layouts, nearly
     independent of the model's share per rank - gloo and megatron buffers, allocator arenas, the
-    optimizer's transient lists). On GPUs the CUDA context and NCCL buffers are covered by
-    GPU_USABLE_FRACTION instead."""
+    optimizer's transient lists). GPUs have explicit terms instead (`cuda`)."""
+    cuda: bool = True
+    """The GPU-only terms apply (CUDA runtime, NCCL, fp8 weight caches, device batch, fragmentation)."""
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_mib * MIB
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.memory_bytes * GPU_USABLE_FRACTION
 
 
 DEVICES: dict[str, DeviceProfile] = {
-    "h100-80gb": DeviceProfile("h100-80gb", 80, 989, 1979, 3.35, 450),
-    "h200": DeviceProfile("h200", 141, 989, 1979, 4.8, 450),
-    "a100-80gb": DeviceProfile("a100-80gb", 80, 312, None, 2.0, 300),
+    # Physical HBM per nvidia-smi: H100 SXM 80GB 81559 MiB (85.5e9 bytes), H200 143771 MiB, A100 80GB 81920 MiB.
+    "h100-80gb": DeviceProfile("h100-80gb", 81559, 989, 1979, 3.35, 450),
+    "h200": DeviceProfile("h200", 143771, 989, 1979, 4.8, 450),
+    "a100-80gb": DeviceProfile("a100-80gb", 81920, 312, None, 2.0, 300),
     # Host memory is not a limit the planner checks; the profile exists for calibration on CPU.
-    "cpu": DeviceProfile("cpu", 1e6, 1.0, None, 0.05, 5, attention_stores_scores=True,
-                         retains_init_weights=True, process_overhead_gb=0.17),
+    "cpu": DeviceProfile("cpu", 1e12, 1.0, None, 0.05, 5, attention_stores_scores=True,
+                         retains_init_weights=True, process_overhead_gb=0.17, cuda=False),
 }
 
 
@@ -149,22 +159,47 @@ class MemoryEstimate:
     logits: float
     overhead: float = 0.0
     """The device profile's per-process term (process_overhead_gb)."""
+    recompute_working: float = 0.0
+    """Full recomputation: one layer's whole activations while its backward re-runs its forward."""
+    fp8_weight_cache: float = 0.0
+    """TE's cached fp8 weights and transposes (GPU, fp8 only)."""
+    rollout_inputs: float = 0.0
+    """One generate batch's token ids and pixels on the device (GPU; first stage)."""
+    train_inputs: float = 0.0
+    """The micro-batch in its forward step on the device: ids and pixels on the first stage, loss inputs on
+    the last (GPU; micro-batches wait on the host, train.py)."""
+    cuda_runtime: float = 0.0
+    nccl: float = 0.0
+    nccl_communicators: int = 0
+    fragmentation_fraction: float = 0.0
+    in_flight: float = 0.0
+    """Micro-batches (in whole-stage units) whose activations the stage holds at its peak."""
 
     @property
     def state(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.reference + self.overhead
+        return self.weights + self.grads + self.optimizer + self.reference + self.overhead + self.fp8_weight_cache
 
     @property
     def rollout_peak(self) -> float:
-        return self.state + self.kv_cache + self.rollout_transient
+        return self.state + self.kv_cache + self.rollout_transient + self.rollout_inputs
 
     @property
     def train_peak(self) -> float:
-        return self.state + self.activations + self.logits
+        return self.state + self.activations + self.recompute_working + self.logits + self.train_inputs
+
+    @property
+    def allocated(self) -> float:
+        """The peak torch's caching allocator hands out (torch.cuda.max_memory_allocated's counterpart)."""
+        return max(self.rollout_peak, self.train_peak)
+
+    @property
+    def fragmentation(self) -> float:
+        return self.allocated * self.fragmentation_fraction
 
     @property
     def total(self) -> float:
-        return max(self.rollout_peak, self.train_peak)
+        """Physical memory the process needs: the allocator's peak with its fragmentation, the CUDA runtime, NCCL."""
+        return self.allocated + self.fragmentation + self.cuda_runtime + self.nccl
 
 
 @dataclass(frozen=True)
@@ -228,17 +263,22 @@ def workload_from_config(cfg: Config) -> Workload:
     if cfg.vision.enabled:
         patches = cfg.data.max_pixels // cfg.vision.patch_size**2
     responses = cfg.algo.prompts_per_step * cfg.rollout.n
+    pad = FP8_TOKEN_MULTIPLE if cfg.model.precision == "fp8" else 1
     return Workload(
-        seq_len=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
+        seq_len=round_up(cfg.data.max_prompt_len + cfg.rollout.max_new_tokens, pad),
         micro_batch_rows=cfg.train.micro_batch_size * (2 if cfg.loss.masked_grad else 1),
         nograd_rows=cfg.train.micro_batch_size * views,
         rows_per_update=cfg.train.global_batch_size,
         updates=max(1, cfg.train.ppo_epochs * responses // cfg.train.global_batch_size),
         rollout_prompts=cfg.algo.prompts_per_step, rollout_n=cfg.rollout.n,
-        rollout_batch_rows=cfg.rollout.max_batch_rows, prompt_len=cfg.data.max_prompt_len,
+        rollout_batch_rows=cfg.rollout.max_batch_rows, prompt_len=round_up(cfg.data.max_prompt_len, pad),
         max_new_tokens=cfg.rollout.max_new_tokens, image_patches=patches, reference=cfg.loss.kl_coef > 0,
         nograd_views=views, micro_batch_responses=cfg.train.micro_batch_size, chunked_logprobs=True,
     )
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def lm_workload(seq_len: int, micro_batch_size: int, global_batch_size: int) -> Workload:
@@ -344,10 +384,34 @@ def _stage_memory(m, v, layout: Layout, work: Workload, device: DeviceProfile, s
     if has_vision:
         per_mb += (work.micro_batch_rows * work.image_patches * v.depth
                    * vision_token_activation(v, tp, recompute) * wb)
-    activations = in_flight_microbatches(layout, stage, microbatches) * per_mb
+    in_flight = in_flight_microbatches(layout, stage, microbatches)
+    activations = in_flight * per_mb
     logits = logits_bytes(work, vocab_shard, wb) if last else 0.0
-    return MemoryEstimate(stage, params, weights, grads, optimizer, reference, kv_cache, rollout_transient,
-                          activations, logits, device.process_overhead_gb * GB)
+    # Full recomputation: backward re-runs one layer's forward (recompute_num_layers=1, gpt.py) and keeps
+    # all of that layer's activations until its gradient is done.
+    recompute_working = 0.0
+    if recompute == "full" and layers:
+        recompute_working = tokens * token_layer_activation(m, tp, "none") * wb
+    base = MemoryEstimate(stage, params, weights, grads, optimizer, reference, kv_cache, rollout_transient,
+                          activations, logits, device.process_overhead_gb * GB, recompute_working,
+                          in_flight=in_flight)
+    if not device.cuda:
+        return base
+    v_in = v if has_vision else None
+    groups = nccl_groups(m, layout, stage)
+    return replace(base, fp8_weight_cache=FP8_WEIGHT_CACHE_BYTES * fp8_gemm_params(m, tp, pp, stage, layout.vpp),
+                   rollout_inputs=rollout_input_bytes(work, v_in, dp) if first else 0.0,
+                   train_inputs=train_input_bytes(work, v_in, first, last),
+                   cuda_runtime=CUDA_RUNTIME_GB * GB, nccl=nccl_bytes(groups), nccl_communicators=groups,
+                   fragmentation_fraction=FRAGMENTATION_FRACTION)
+
+
+def rollout_input_bytes(work: Workload, v: VisionConfig | None, dp: int) -> float:
+    """One generate batch on the first stage: ids at prompt + response positions, one image per prompt."""
+    if not work.rollout_prompts:
+        return 0.0
+    prompts = rollout_chunk_prompts(work, dp)
+    return device_input_bytes(work, v, prompts * work.rollout_n, work.prompt_len + work.max_new_tokens, prompts)
 
 
 def logits_bytes(work: Workload, vocab_shard: int, wb: int) -> float:
@@ -472,7 +536,7 @@ def plan_config(cfg: Config, gpus: int, device_name: str = "h100-80gb", recomput
     # Interleaved pipelining as an option of every pipelined layout: vpp 2, and the recipe's own size.
     vpps = tuple(sorted({1, 2, cfg.parallel.vpp_size or 1}))
     layouts, rejected = candidate_layouts(m, v, gpus, work, vpps)
-    budget = device.memory_gb * GB * GPU_USABLE_FRACTION
+    budget = device.usable_bytes
     plans = []
     for layout in layouts:
         memory = estimate_memory(m, v, layout, work, device, distributed_optimizer=cfg.parallel.use_distributed_optimizer,
@@ -522,31 +586,9 @@ def require_fit(result: Plan) -> list[LayoutPlan]:
                f"train.micro_batch_size or use --recompute full")
     raise PapoError(
         f"no layout fits: {result.model} ({result.precision}) needs at least {need:.0f} GB per GPU "
-        f"({best.layout}) but {result.device.name} has {result.device.memory_gb:.0f} GB x {GPU_USABLE_FRACTION:.0%} "
-        f"usable; {fix}; or use more GPUs"
+        f"({best.layout}) but {result.device.name} has {result.device.memory_bytes / GB:.1f} GB x "
+        f"{GPU_USABLE_FRACTION:.0%} usable; {fix}; or use more GPUs"
     )
-
-
-def format_plan(result: Plan, top: int = 5) -> str:
-    """The table `papo-mega plan` prints: every layout, best fitting ones first."""
-    order = result.fitting + [p for p in sorted(result.layouts, key=lambda p: p.memory.total) if not p.fits]
-    header = (f"{result.model} on {result.gpus} x {result.device.name} ({result.precision}, recompute {result.recompute}"
-              ")")
-    cols = ("layout", "stage", "weights", "grads", "optim", "ref", "kv", "act+logits", "rollout_pk", "train_pk",
-            "peak GB", "fits", "step s*")
-    lines = [header, "  ".join(f"{c:>16}" if i == 0 else f"{c:>10}" for i, c in enumerate(cols))]
-    for p in order:
-        e = p.memory
-        row = (str(p.layout), str(e.stage), *(f"{x / GB:.1f}" for x in (e.weights, e.grads, e.optimizer, e.reference,
-               e.kv_cache, e.activations + e.logits, e.rollout_peak, e.train_peak, e.total)),
-               "yes" if p.fits else "no", f"{p.step_s:.0f}")
-        lines.append("  ".join(f"{c:>16}" if i == 0 else f"{c:>10}" for i, c in enumerate(row)))
-    lines.append("* estimated step time (rollout + updates) at "
-                 f"{MODEL_FLOPS_UTILISATION:.0%} MFU; memory is the busiest pipeline stage, GB = 1e9 bytes")
-    fitting = result.fitting
-    if fitting:
-        lines.append(f"fits: best layouts {', '.join(str(p.layout) for p in fitting[:top])}")
-    return "\n".join(lines)
 
 
 __all__ = ["DEVICES", "Plan", "Workload", "estimate_memory", "estimate_step_time", "plan", "plan_config",

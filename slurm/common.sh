@@ -91,7 +91,8 @@ if declare -F before_srun >/dev/null; then before_srun; fi
 # -- one srun: every task runs papo-mega train; rendezvous comes from SLURM_* (distributed/launcher.py)
 SRUN_ARGS=(--kill-on-bad-exit=1)
 if [[ -n "${CONTAINER_IMAGE:-}" ]]; then
-    # pyxis: the NGC PyTorch image brings CUDA, NCCL and Transformer Engine (needed for fp8).
+    # pyxis: docker/Dockerfile's image (NGC PyTorch 25.11: CUDA, NCCL, TE 2.9 in megatron-core 0.16.1's
+    # range; plus megatron-core and our dependencies) - a stock NGC image has no megatron-core.
     SRUN_ARGS+=(--container-image="$CONTAINER_IMAGE" --container-workdir="$PAPO_REPO"
                 --container-mounts="$PAPO_REPO:$PAPO_REPO${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}")
 fi

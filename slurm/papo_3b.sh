@@ -2,12 +2,16 @@
 # PAPO-G on a Qwen2.5-VL-3B-class model: 1 node x 8 H100 80GB (precision and layout from the recipe).
 # Submit from the repository root:   sbatch slurm/papo_3b.sh
 # Overrides at submit time, e.g.:     RUN_DIR=/lustre/runs/3b DATA=/lustre/shards INIT_FROM=/lustre/sft_3b \
-#                                     CONTAINER_IMAGE=nvcr.io#nvidia/pytorch:25.01-py3 sbatch slurm/papo_3b.sh
+#                                     CONTAINER_IMAGE=/lustre/images/papo-mega.sqsh sbatch slurm/papo_3b.sh
+# The image: docker/Dockerfile (NGC PyTorch 25.11 with TE 2.9 + megatron-core 0.16.1; docker/README.md).
 # All variables: slurm/common.sh. Launch, resume and signals: docs/scaling.md.
 #SBATCH --job-name=papo-3b
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
+# Cores per rank: the main process, NCCL/TE proxy threads, up to 4 math-verify reward workers
+# and data.num_workers loader processes; 8 x 12 = 96 fits 96- to 128-core H100 nodes.
+#SBATCH --cpus-per-task=12
 #SBATCH --exclusive
 #SBATCH --mem=0
 #SBATCH --time=12:00:00

@@ -65,5 +65,26 @@ def rank_shapes(m: ModelConfig, v: VisionConfig | None, tp: int, pp: int, pp_ran
     return shapes
 
 
+def stage_layers(m: ModelConfig, pp: int, pp_rank: int, virtual_chunks: int = 1) -> list[int]:
+    """Global decoder-layer indices held by pipeline rank pp_rank: model chunk c of that rank is
+    pipeline stage c * pp + pp_rank (megatron's interleaved assignment), each of num_layers / (pp * vpp)."""
+    per_chunk = m.num_layers // (pp * virtual_chunks)
+    return [layer for chunk in range(virtual_chunks)
+            for layer in range((chunk * pp + pp_rank) * per_chunk, (chunk * pp + pp_rank + 1) * per_chunk)]
+
+
+def fp8_gemm_params(m: ModelConfig, tp: int, pp: int, pp_rank: int, virtual_chunks: int = 1) -> int:
+    """Weights on one rank whose GEMMs run in fp8: the 2-D weights (qkv, proj, fc1, fc2) of the decoder
+    layers outside model.fp8_bf16_layers_start / _end. megatron numbers those layers globally
+    (megatron/core/fp8_utils.py is_first_last_bf16_layer: `layer_no < num_layers_at_start_in_bf16`,
+    `layer_no >= num_layers - num_layers_at_end_in_bf16`). The embedding, the output layer and the vision
+    tower are no TE fp8 modules. 0 unless model.precision is fp8."""
+    if m.precision != "fp8":
+        return 0
+    bf16 = set(range(m.fp8_bf16_layers_start)) | set(range(m.num_layers - m.fp8_bf16_layers_end, m.num_layers))
+    fp8_layers = sum(1 for layer in stage_layers(m, pp, pp_rank, virtual_chunks) if layer not in bf16)
+    return fp8_layers * numel([shape for shape in layer_shapes(m, tp) if len(shape) == 2])
+
+
 def numel(shapes: Shapes) -> int:
     return sum(math.prod(shape) for shape in shapes)

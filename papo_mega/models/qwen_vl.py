@@ -116,8 +116,14 @@ def build_model_chunks(model: ModelConfig, vision_cfg: VisionConfig | None, grou
     """This rank's chunks, one per virtual pipeline stage; the same weights at every layout.
 
     initialise=False skips the layout-invariant init (its full-size draws) when every weight is
-    about to be loaded anyway (conversion, checkpoint loading).
+    about to be loaded anyway (conversion, checkpoint loading). On CUDA the installed Transformer
+    Engine / megatron-core are checked first (papo_mega/gpu_env.py): a wrong or missing TE is one
+    line naming the fix, not an AttributeError deep inside the build.
     """
+    if groups.device.type == "cuda":
+        from papo_mega.gpu_env import check_gpu_environment
+
+        check_gpu_environment(model.precision, model.fp8_recipe, warn=groups.rank == 0)
     groups.layout.check_model(
         num_layers=model.num_layers,
         num_attention_heads=model.num_attention_heads,

@@ -66,7 +66,7 @@ def test_layouts_are_exactly_the_valid_ones():
 def test_72b_on_32_h100_names_fitting_layouts():
     result = plan("qwen2.5-vl-72b", 32, overrides=["model.precision=fp8"], recompute="full")
     fitting = require_fit(result)
-    assert fitting and all(p.memory.total <= 80 * GB for p in fitting)
+    assert fitting and all(p.memory.total <= DEVICES["h100-80gb"].usable_bytes for p in fitting)
 
 
 def test_72b_on_4_gpus_says_no_layout_fits():
@@ -147,6 +147,15 @@ def test_every_gpu_script_runs_a_layout_the_planner_says_fits(script):
     chosen = [p for p in result.layouts if (p.layout.tp, p.layout.pp, p.layout.vpp) == want]
     assert chosen, f"{script}: tp{cfg.parallel.tp_size} pp{cfg.parallel.pp_size} is no valid layout on {gpus} GPUs"
     assert chosen[0].fits, f"{script}: {chosen[0].layout} plans {chosen[0].memory.total / GB:.0f} GB per GPU"
+    if script == "papo_72b.sh":  # issue 15: the 72B recipe and script follow the planner's best layout
+        from papo_mega.plan import require_fit
+
+        assert require_fit(result)[0].layout == chosen[0].layout, (require_fit(result)[0].layout, chosen[0].layout)
+    # Cores per rank are asked for (Slurm's default is one core a task: 8 ranks, their NCCL/TE threads,
+    # reward and loader workers on 8 cores), and fit a 128-core node.
+    cpus = re.search(r"^#SBATCH --cpus-per-task=(\d+)", text, re.M)
+    per_node = int(re.search(r"^#SBATCH --ntasks-per-node=(\d+)", text, re.M).group(1))
+    assert cpus and 4 <= int(cpus.group(1)) and per_node * int(cpus.group(1)) <= 128, script
 
 
 def test_interleaved_pipeline_holds_more_activations_and_shrinks_the_bubble():
@@ -232,3 +241,112 @@ def test_rl_logits_term_is_the_chunked_log_probs_not_megatrons_cross_entropy():
     assert logits_bytes(papo, vocab, 2) == 4000 * vocab * 2 + 2 * CHUNK_BYTES
     tiny = replace(grpo, seq_len=2, micro_batch_rows=1, nograd_rows=1)  # buffers no larger than the logits
     assert logits_bytes(tiny, vocab, 4) == 2 * 2 * vocab * 4 + 2 * 2 * vocab * 4
+
+
+# -- the terms a GPU adds (issue 15): each explicit, against physical memory -----------------------
+GPU_TERMS = ["TE fp8 weights + transposes", "rollout: prompts on the device", "training: recompute working set",
+             "training: micro-batch on the device", "allocator fragmentation (5%)", "CUDA context, cuBLAS/TE workspaces",
+             "NCCL (3 communicators)"]
+
+
+def test_72b_plan_prints_every_memory_term_against_physical_memory(capsys):
+    from papo_mega.cli import main
+
+    assert main(["plan", "--model", "qwen2.5-vl-72b", "--gpus", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per GPU of tp4 pp8 dp1, stage 0 (the busiest), GB:" in out
+    lines = {line.strip().split("  ")[0]: line for line in out.splitlines() if line.startswith("  ")}
+    for term in ["weights", "grads (fp32 main_grad)", "optimizer (Adam, fp32 master; /dp)", "reference model",
+                 "rollout: KV cache", "rollout: prefill transient", "training: activations (8 in flight)",
+                 "training: logits", "= rollout peak", "= training peak", "= total", *GPU_TERMS]:
+        assert term in lines, f"no line for {term!r} in:\n{out}"
+    for term in GPU_TERMS[4:] + GPU_TERMS[:1]:
+        assert lines[term].endswith("assumed, to be measured on GPU (tools/gpu_check.py)"), lines[term]
+    assert "85.52 GB physical (81559 MiB) x 95% usable = 81.24 GB: fits" in out
+
+
+def test_each_gpu_type_plans_against_its_physical_memory():
+    """nvidia-smi: H100 SXM 80GB 81559 MiB, H200 143771 MiB, A100 80GB 81920 MiB - not 80e9 bytes."""
+    from papo_mega.plan import GPU_USABLE_FRACTION
+
+    for name, mib in {"h100-80gb": 81559, "h200": 143771, "a100-80gb": 81920}.items():
+        assert DEVICES[name].memory_bytes == mib * 2**20
+        assert DEVICES[name].usable_bytes == mib * 2**20 * GPU_USABLE_FRACTION
+    assert round(DEVICES["h100-80gb"].memory_bytes / GB, 2) == 85.52
+
+
+def _vlm(*overrides):
+    from papo_mega.plan import workload_from_config
+
+    cfg = load_config(None, ["preset=qwen2.5-vl-7b", "model.num_layers=4", "algo.prompts_per_step=8", "rollout.n=2",
+                             "train.global_batch_size=16", "train.micro_batch_size=1", *overrides])
+    return cfg, workload_from_config(cfg)
+
+
+def test_fp8_weight_cache_is_two_bytes_per_fp8_gemm_weight_and_zero_for_bf16():
+    """megatron/core/extensions/transformer_engine.py TELinear.forward passes is_first_microbatch, so TE
+    keeps each fp8 weight and its transpose between micro-batches; fp8_utils.is_first_last_bf16_layer
+    numbers the bf16 layers globally. The embedding, output layer and vision tower are no TE fp8 GEMMs."""
+    from papo_mega.models.param_shapes import fp8_gemm_params, layer_shapes
+
+    bf16, bf16_work = _vlm("model.precision=bf16")
+    assert estimate_memory(bf16.model, bf16.vision, Layout(2, 2, 2), bf16_work, DEVICES["h100-80gb"]).fp8_weight_cache == 0
+    fp8, work = _vlm("model.precision=fp8", "model.fp8_recipe=tensorwise", "model.fp8_bf16_layers_start=1")
+    gemm = sum(a * b for a, b in (s for s in layer_shapes(fp8.model, 2) if len(s) == 2))
+    assert fp8_gemm_params(fp8.model, 2, 2, 0) == 1 * gemm  # layers 0-1 on stage 0, layer 0 in bf16
+    assert fp8_gemm_params(fp8.model, 2, 2, 1) == 2 * gemm
+    assert fp8_gemm_params(fp8.model, 2, 2, 0, virtual_chunks=2) == 1 * gemm  # layers 0 and 2
+    e = estimate_memory(fp8.model, fp8.vision, Layout(2, 2, 2), work, DEVICES["h100-80gb"])
+    assert e.fp8_weight_cache == 2 * fp8_gemm_params(fp8.model, 2, 2, e.stage)
+
+
+def test_batch_pixels_count_on_the_first_stage_only():
+    """After train.py's host-resident micro-batches: the first stage holds one micro-batch's ids and pixels
+    (both views for the no-grad forward), the last its per-token loss inputs, nothing else of the batch."""
+    from papo_mega.plan import LOSS_BYTES_PER_TOKEN
+    from papo_mega.plan import _stage_memory as stage_memory
+
+    cfg, work = _vlm("model.precision=bf16")
+    first, last = (stage_memory(cfg.model, cfg.vision, Layout(1, 2, 4), work, DEVICES["h100-80gb"], s, True, "none")
+                   for s in (0, 1))
+    pixel_values = 2 * work.image_patches * 1176 * (4 + 2)  # [original; masked] rows, fp32 + bf16 copy
+    assert work.nograd_rows == 2 and first.train_inputs == 2 * work.seq_len * 4 * 8 + pixel_values
+    assert last.train_inputs == 2 * work.seq_len * LOSS_BYTES_PER_TOKEN
+    assert first.rollout_inputs > 0 and last.rollout_inputs == 0
+
+
+def test_gpu_only_terms_are_zero_on_the_calibrated_cpu_profile():
+    """The CPU calibration (tests/distributed/test_plan_calibration.py) measured its own per-process overhead;
+    the GPU terms must not change its predictions."""
+    cfg, work = _vlm("model.precision=bf16")
+    e = estimate_memory(cfg.model, cfg.vision, Layout(2, 2, 2), work, DEVICES["cpu"])
+    assert (e.fp8_weight_cache, e.rollout_inputs, e.train_inputs, e.cuda_runtime, e.nccl, e.fragmentation) == (0,) * 6
+    assert e.total == e.allocated == max(e.rollout_peak, e.train_peak)
+    g = estimate_memory(cfg.model, cfg.vision, Layout(2, 2, 2), work, DEVICES["h100-80gb"])
+    assert g.total == pytest.approx(g.allocated * 1.05 + g.cuda_runtime + g.nccl)
+
+
+def test_full_recompute_keeps_one_layers_activations_during_its_backward():
+    """gpt.py recompute_settings('full'): uniform, recompute_num_layers=1 - one layer re-runs at a time."""
+    from papo_mega.plan import token_layer_activation
+
+    work = lm_workload(seq_len=32, micro_batch_size=2, global_batch_size=8)
+    none = estimate_memory(SMALL, None, Layout(1, 1, 1), work, DEVICES["h100-80gb"])
+    full = estimate_memory(SMALL, None, Layout(1, 1, 1), work, DEVICES["h100-80gb"], recompute="full")
+    assert none.recompute_working == 0
+    assert full.recompute_working == 64 * token_layer_activation(SMALL, 1, "none") * 4
+
+
+def test_nccl_counts_the_communicators_a_rank_uses():
+    from papo_mega.plan import nccl_groups
+
+    assert nccl_groups(SMALL, Layout(1, 1, 1), 0) == 0
+    assert nccl_groups(SMALL, Layout(4, 8, 1), 0) == 3  # tp, pp, model-parallel (= world)
+    assert nccl_groups(SMALL, Layout(2, 2, 2), 1) == 5  # + dp and the world group
+
+
+def test_fp8_plans_token_counts_padded_to_16():
+    """Under fp8 the token counts are padded to a multiple of 16 (train.py, for TE's fp8 GEMMs)."""
+    _, bf16 = _vlm("model.precision=bf16", "data.max_prompt_len=1000", "rollout.max_new_tokens=25")
+    _, fp8 = _vlm("model.precision=fp8", "data.max_prompt_len=1000", "rollout.max_new_tokens=25")
+    assert (bf16.seq_len, bf16.prompt_len) == (1025, 1000) and (fp8.seq_len, fp8.prompt_len) == (1040, 1008)
