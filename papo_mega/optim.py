@@ -20,7 +20,10 @@ def wrap_ddp(chunks: list[torch.nn.Module], groups: ParallelGroups, use_distribu
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        # Overlap needs CUDA streams; the benefit is on GPU clusters (turned on there later).
+        # Off on every device (docs/scaling.md, "Known GPU items"): megatron's overlapped buckets
+        # learn each parameter's grad count from the first batch and assert when a later batch
+        # leaves a parameter without a grad (an update without images leaves the vision tower
+        # gradient-free), and the overlap's gain has not been measured on our GPU steps yet.
         overlap_grad_reduce=False,
         use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=True,

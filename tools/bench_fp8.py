@@ -75,7 +75,7 @@ def main() -> int:
         print("bench_fp8: needs CUDA and Transformer Engine (pip install papo_mega[gpu] on a GPU machine)",
               file=sys.stderr)
         return 2
-    results = {p: run_distributed(run, 1, args=(p, args), timeout_s=1800)[0] for p in ("bf16", "fp8")}
+    results = {p: run_distributed(run, 1, args=(p, args), timeout_s=1800, use_cuda=True)[0] for p in ("bf16", "fp8")}
     bf16, fp8 = results["bf16"], results["fp8"]
     for name, r in results.items():
         print(f"{name:>5}: {r['step_s'] * 1e3:.0f} ms/step, peak {r['peak_gb']:.1f} GB, loss "

@@ -83,7 +83,7 @@ def main() -> None:
     results = {}
     for rows in (0, args.rows):
         case = (*shape, rows, args.prompt_len, args.new)
-        measured = run_distributed(measure, 1, args=case, timeout_s=3600)[0]
+        measured = run_distributed(measure, 1, args=case, timeout_s=3600, use_cuda=True)[0]
         results[rows] = (measured, planned(*case))
         label = "all rows" if rows == 0 else f"chunks of {rows} rows"
         print(f"{label:>18}: measured +{measured['added'] / 1e6:.0f} MB in {measured['s']:.0f} s, "
