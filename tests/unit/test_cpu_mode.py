@@ -6,15 +6,6 @@ import torch
 from papo_mega.distributed import cpu_mode
 
 
-@pytest.fixture
-def cpu_mode_on():
-    if torch.cuda.is_available():
-        pytest.skip("cpu mode is never enabled on a CUDA machine")
-    cpu_mode.enable_cpu_mode()
-    yield
-    cpu_mode.disable_cpu_mode()
-
-
 def test_cuda_device_arguments_go_to_cpu(cpu_mode_on):
     assert torch.zeros(3, device="cuda").device.type == "cpu"
     assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"

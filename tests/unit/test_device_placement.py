@@ -11,19 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from papo_mega.distributed import cpu_mode
 from papo_mega.distributed.device_check import DEVICE, EMULATED_DEVICE, HOST, device_tagging, place_of
 
 SAME_DEVICE = "Expected all tensors to be on the same device"
-
-
-@pytest.fixture
-def cpu_mode_on():
-    if torch.cuda.is_available():
-        pytest.skip("cpu mode is never enabled on a CUDA machine")
-    cpu_mode.enable_cpu_mode()
-    yield
-    cpu_mode.disable_cpu_mode()
 
 
 @pytest.fixture
