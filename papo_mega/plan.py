@@ -20,6 +20,7 @@ from pathlib import Path
 
 from papo_mega.config import Config, ModelConfig, VisionConfig
 from papo_mega.errors import ConfigError, PapoError
+from papo_mega.models.fp8_shapes import fp8_padded_length
 from papo_mega.models.param_shapes import fp8_gemm_params, layer_shapes, numel, rank_shapes, vision_shapes
 from papo_mega.plan_gpu import (
     CUDA_RUNTIME_GB,
@@ -45,8 +46,6 @@ own; this margin is for what none models (optimizer-step temporaries, fp8 scalin
 RECOMPUTE = ("none", "selective", "full")
 STEP_TIME_TIE = 0.02
 """Estimated step times closer than this (relative) count as equal when ranking layouts."""
-FP8_TOKEN_MULTIPLE = 16
-"""Under fp8, token counts are padded to a multiple of 16 (TE's fp8 GEMMs): the planner plans padded lengths."""
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -263,22 +262,21 @@ def workload_from_config(cfg: Config) -> Workload:
     if cfg.vision.enabled:
         patches = cfg.data.max_pixels // cfg.vision.patch_size**2
     responses = cfg.algo.prompts_per_step * cfg.rollout.n
-    pad = FP8_TOKEN_MULTIPLE if cfg.model.precision == "fp8" else 1
+    # Under fp8 the run pads token counts for TE's GEMMs (models/fp8_shapes.py): plan the padded lengths.
+    def padded(n: int) -> int:
+        return fp8_padded_length(n, cfg.model)
+
     return Workload(
-        seq_len=round_up(cfg.data.max_prompt_len + cfg.rollout.max_new_tokens, pad),
+        seq_len=padded(cfg.data.max_prompt_len + cfg.rollout.max_new_tokens),
         micro_batch_rows=cfg.train.micro_batch_size * (2 if cfg.loss.masked_grad else 1),
         nograd_rows=cfg.train.micro_batch_size * views,
         rows_per_update=cfg.train.global_batch_size,
         updates=max(1, cfg.train.ppo_epochs * responses // cfg.train.global_batch_size),
         rollout_prompts=cfg.algo.prompts_per_step, rollout_n=cfg.rollout.n,
-        rollout_batch_rows=cfg.rollout.max_batch_rows, prompt_len=round_up(cfg.data.max_prompt_len, pad),
+        rollout_batch_rows=cfg.rollout.max_batch_rows, prompt_len=padded(cfg.data.max_prompt_len),
         max_new_tokens=cfg.rollout.max_new_tokens, image_patches=patches, reference=cfg.loss.kl_coef > 0,
         nograd_views=views, micro_batch_responses=cfg.train.micro_batch_size, chunked_logprobs=True,
     )
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def lm_workload(seq_len: int, micro_batch_size: int, global_batch_size: int) -> Workload:

@@ -29,11 +29,13 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from papo_mega.config import ModelConfig
 from papo_mega.errors import PapoError
+
+if TYPE_CHECKING:  # annotations only: the planner imports the padding rule and stays torch-free
+    import torch
 
 
 @dataclass(frozen=True)
