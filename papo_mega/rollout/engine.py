@@ -258,7 +258,8 @@ class MegatronEngine:
             live = torch.nonzero(active).flatten()
             row_of = batch[live]
             # Only live rows draw: inert rows leave the generator's stream as it is without them.
-            live_logits = logits[live.to(logits.device)]
+            # Without fp8 filler every batch row is live: no gather (a rows x vocab copy per token).
+            live_logits = logits if len(live) == len(batch) else logits[live.to(logits.device)]
             allowed = live_logits.index_fill(1, self.banned.to(logits.device), float("-inf"))
             tokens = sample_tokens(allowed, params.temperature, params.top_k, params.top_p, generator)
             logp = token_logprobs(live_logits, tokens, params.temperature)
