@@ -201,6 +201,15 @@ class TrainConfig:
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r} is not one of constant | cosine")
         if self.warmup_steps < 0 or self.sanity_every < 0:
             raise ConfigError("train.warmup_steps and train.sanity_every must be >= 0")
+        # Checked here, where the config is read, so the dry run refuses what the run would fail on
+        # inside torch (a negative lr in AdamW, a negative seed in torch.manual_seed).
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0 (e.g. 1e-6 for a 7B model)")
+        for name in ("weight_decay", "grad_clip", "min_lr", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every={self.log_every} must be >= 1")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
@@ -344,6 +353,8 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.micro_batch_size < 1 or self.global_batch_size % self.micro_batch_size:
             raise ConfigError("sft.steps >= 1 and sft.global_batch_size a multiple of sft.micro_batch_size")
+        if not self.lr > 0:
+            raise ConfigError(f"sft.lr={self.lr} must be > 0")
 
 
 @dataclass
@@ -514,6 +525,59 @@ def _with_preset(tree: dict) -> dict:
     return merged
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error.
+
+    PyYAML keeps the last of two equal keys, so a recipe with two `train:` sections silently lost
+    the first one's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"'{key}' appears twice in one mapping (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1} of {self.name}); merge the two into one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's contents, refusing duplicate keys (ConfigError naming both lines)."""
+    path = Path(path)
+    loader = _UniqueKeyLoader(path.read_text())
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _dotted_keys(tree: dict, prefix: str = "") -> set[str]:
+    """Every leaf key of a nested dict, dotted ('train.lr'); a section given as a whole counts too."""
+    keys = set()
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        keys.add(name)
+        if isinstance(value, dict):
+            keys |= _dotted_keys(value, f"{name}.")
+    return keys
+
+
+def explicit_keys(cfg: Config) -> frozenset[str]:
+    """The dotted keys the recipe or an override set (not defaults, not the preset's fill).
+
+    Model directories store the settings they were trained with (data, rollout, tokenizer); a
+    loader lets those fill what the user did not set, while an explicit key wins."""
+    return getattr(cfg, "_explicit_keys", frozenset())
+
+
+def set_explicit_keys(cfg: Config, keys) -> Config:
+    """Attach the explicit keys to cfg (dataclasses.replace drops them: call this on the copy)."""
+    object.__setattr__(cfg, "_explicit_keys", frozenset(keys))
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML recipe (or the defaults), apply overrides and validate every section."""
     tree: dict = {}
@@ -522,17 +586,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass a YAML recipe such as examples/tiny_cpu.yaml")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = read_yaml(path) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix the file") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (model:, parallel:, ...)")
     apply_overrides(tree, overrides or [])
+    explicit = _dotted_keys(tree)
     tree = _with_preset(tree)
     try:
-        return _build(Config, tree, "")
+        cfg = _build(Config, tree, "")
     except TypeError as err:  # a dataclass rejected its arguments in a way _build did not foresee
         raise ConfigError(f"invalid config: {err}") from None
+    return set_explicit_keys(cfg, explicit)
 
 
 def config_to_dict(cfg: Config) -> dict:

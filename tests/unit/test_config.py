@@ -156,3 +156,40 @@ def test_large_recipes_load_and_count_the_published_parameters(recipe, expected)
     cfg.check(cfg.parallel.tp_size * cfg.parallel.pp_size)
     cfg.check_algorithm(1)
     assert abs(total_params(cfg) - expected) < 0.1e9
+
+
+def test_duplicate_yaml_keys_are_errors_naming_both_lines(tmp_path):
+    """Finding 16.4: PyYAML keeps the last of two `train:` sections; the first one's lr was lost."""
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text("train:\n  lr: 0.5\nmodel:\n  num_layers: 2\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"'train' appears twice.*lines 1 and 5"):
+        load_config(recipe)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train:\n  lr: 0.5\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="'lr' appears twice"):
+        load_config(nested)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=-0.001", "train.lr=-0.001 must be > 0"),
+    ("train.lr=0", "train.lr=0.0 must be > 0"),
+    ("train.seed=-1", "train.seed=-1 must be >= 0"),
+    ("train.grad_clip=-1", "train.grad_clip=-1.0 must be >= 0"),
+    ("sft.lr=-1", "sft.lr=-1.0 must be > 0"),
+])
+def test_values_that_must_be_positive_fail_where_the_config_is_read(override, message):
+    """Finding 16.14: the dry run passed a negative lr or seed that the run then failed on in torch."""
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_explicit_keys_are_the_recipe_and_overrides_not_defaults(tmp_path):
+    from papo_mega.config import explicit_keys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("preset: tiny\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(recipe, ["rollout.n=3"])
+    keys = explicit_keys(cfg)
+    assert {"train.lr", "rollout.n", "preset"} <= keys
+    assert "rollout.max_new_tokens" not in keys and "model.hidden_size" not in keys  # default / preset fill
+    assert explicit_keys(load_config(None)) == frozenset()
