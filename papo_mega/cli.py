@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from papo_mega.errors import PapoError
 
 EXIT_USER_ERROR = 2
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "examples" / "tiny_cpu.yaml"
+DEFAULT_RECIPE = "examples/tiny_cpu.yaml"
+"""The demo's recipe: a shipped one (config.resolve_recipe finds it from any directory)."""
 
 
 def _cmd_smoke(args) -> int:

@@ -578,13 +578,35 @@ def set_explicit_keys(cfg: Config, keys) -> Config:
     return cfg
 
 
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+"""The shipped recipes, package data (the checkout's examples/ links here): a wheel install has them."""
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe file: the path as given if it exists, else a shipped recipe of that name.
+
+    `examples/papo_g_7b.yaml`, `papo_g_7b.yaml` and `papo_g_7b` all name the shipped recipe from
+    any directory, so the README's commands work outside the checkout (a wheel install)."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    if given.parent in (Path("."), Path("examples")):
+        shipped = RECIPES_DIR / (given.name if given.suffix else f"{given.name}.yaml")
+        if shipped.is_file():
+            return shipped
+    raise ConfigError(f"config file {path} does not exist; pass a YAML recipe path or a shipped recipe name "
+                      f"({', '.join(shipped_recipes())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML recipe (or the defaults), apply overrides and validate every section."""
     tree: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass a YAML recipe such as examples/tiny_cpu.yaml")
+        path = resolve_recipe(path)
         try:
             tree = read_yaml(path) or {}
         except yaml.YAMLError as err:

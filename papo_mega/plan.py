@@ -16,9 +16,8 @@ Pure functions; the CLI only formats `plan()`'s result.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from papo_mega.config import Config, ModelConfig, VisionConfig
+from papo_mega.config import RECIPES_DIR, Config, ModelConfig, VisionConfig
 from papo_mega.errors import ConfigError, PapoError
 from papo_mega.models.fp8_shapes import fp8_padded_length
 from papo_mega.models.param_shapes import fp8_gemm_params, layer_shapes, numel, rank_shapes, vision_shapes
@@ -555,7 +554,7 @@ def plan(model: str, gpus: int, device_name: str = "h100-80gb", config_path: str
     if device_name not in DEVICES:
         raise ConfigError(f"unknown GPU type '{device_name}'; choose one of: {', '.join(DEVICES)}")
     if config_path is None:  # the recipe we ship for this model, if any: its precision, batch and recompute
-        shipped = Path(__file__).resolve().parent.parent / "examples" / f"papo_g_{model.rsplit('-', 1)[-1]}.yaml"
+        shipped = RECIPES_DIR / f"papo_g_{model.rsplit('-', 1)[-1]}.yaml"
         config_path = str(shipped) if model.startswith("qwen") and shipped.is_file() else None
         if config_path:
             print(f"[papo-mega] plan: workload from {shipped.name} (pass --config to plan another)", flush=True)
