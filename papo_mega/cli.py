@@ -239,14 +239,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _where() -> str:
+    """' (rank N)' on ranks other than 0, so a multi-process error says which process it came from."""
+    rank = os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("SLURM_PROCID")
+    return f" (rank {rank})" if rank not in (None, "0") else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return args.func(args)
     except PapoError as err:
-        rank = os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("SLURM_PROCID")
-        where = f" (rank {rank})" if rank not in (None, "0") else ""
-        print(f"papo-mega: error{where}: {err}", file=sys.stderr)
+        print(f"papo-mega: error{_where()}: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:  # a read-only or full file system, met after the up-front checks
+        from papo_mega.run_dir import describe_os_error
+
+        print(f"papo-mega: error{_where()}: {describe_os_error(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("papo-mega: interrupted", file=sys.stderr)

@@ -124,8 +124,11 @@ def init_job(cfg: Config) -> ParallelGroups:
 
     The config is checked against the launcher's world size first, so an impossible layout is one
     line before any process group starts, not a traceback on every rank."""
+    from papo_mega.run_dir import check_writable
+
     launch = detect_launch()
     cfg.check(launch.world_size)
+    check_writable(cfg.run.run_dir)  # every rank, before any group starts: no rank waits on a failed one
     return init_distributed(cfg.parallel.layout_sizes(), launch=launch, timeout_s=cfg.parallel.timeout_s,
                             seed=cfg.train.seed)
 
