@@ -39,6 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from papo_mega.data.shard_writer import MANIFEST, read_manifest
+from papo_mega.data.skips import SkipCounter
 from papo_mega.errors import PapoError
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,8 @@ class ShardStream:
     def __init__(self, directory: str | Path, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 256, num_workers: int = 0, max_skip_fraction: float = 0.01,
                  epochs: int | None = None, transform: Callable[[dict], dict] | None = None,
-                 verify_images: bool = True, multiprocessing_context: str | None = DEFAULT_CONTEXT):
+                 verify_images: bool = True, multiprocessing_context: str | None = DEFAULT_CONTEXT,
+                 skip_totals: dict | None = None):
         if not 0 <= dp_rank < dp_size:
             raise PapoError(f"dp_rank {dp_rank} is outside data-parallel size {dp_size}")
         self.index = load_index(directory)
@@ -171,6 +173,8 @@ class ShardStream:
         self.multiprocessing_context = multiprocessing_context
         self.epoch, self.consumed, self.skipped = 0, 0, 0
         self.skip_counts: Counter[str] = Counter()
+        # Stream skips and the consumer's (`reject`) share one limit; skip_totals: a checkpointed dict.
+        self.skips = SkipCounter(max_skip_fraction, f"rank {dp_rank} of {self.index.directory}", skip_totals)
 
     @property
     def epoch_length(self) -> int:
@@ -182,6 +186,7 @@ class ShardStream:
             for item in self._positions(self.epoch, self.consumed):
                 # Count before handing out: state_dict() after receiving sample k says k consumed.
                 self.consumed += 1
+                self.skips.count_read()
                 if isinstance(item, dict) and "skipped" in item:  # a transform may return any object
                     self._record_skip(item)
                     continue
@@ -202,18 +207,20 @@ class ShardStream:
         finally:
             del iterator  # stops the worker processes when the consumer stops early
 
-    def _record_skip(self, item: dict) -> None:
+    def reject(self, item: dict, reason: str) -> None:
+        """Count a sample the consumer could not use (e.g. a prompt over data.max_prompt_len) against
+        max_skip_fraction, like the stream's own skips; PapoError past the limit."""
+        self._record_skip(_skip(reason, item["shard"], item["key"], item["index"]),
+                          hint="fix the cause or raise data.max_skip_fraction")
+
+    def _record_skip(self, item: dict, hint: str = "repair or reconvert the shards") -> None:
         self.skipped += 1
         self.skip_counts[item["skipped"]] += 1
         if sum(self.skip_counts.values()) <= SKIP_LOG_LIMIT:
             logger.warning("skipped sample %s in %s (rank %d, epoch %d): %s", item["key"], item["shard"],
                            self.dp_rank, self.epoch, item["skipped"])
-        allowed = self.max_skip_fraction * self.epoch_length
-        if self.skipped > allowed:
-            raise PapoError(
-                f"{self.skipped} of rank {self.dp_rank}'s {self.epoch_length} samples in epoch {self.epoch} of "
-                f"{self.index.directory} were skipped, more than data.max_skip_fraction={self.max_skip_fraction} "
-                f"(last: {item['key']} in {item['shard']}: {item['skipped']}); repair or reconvert the shards")
+        self.skips.skip(f"{item['key']} in {item['shard']}: {item['skipped']}", self.epoch, self.skipped,
+                        self.epoch_length, hint)
 
     def skip_report(self) -> dict[str, int]:
         """Skips by reason since this object was made (for logs; not part of the state)."""

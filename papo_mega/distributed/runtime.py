@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from papo_mega.distributed.cpu_mode import enable_cpu_mode
 from papo_mega.distributed.launcher import LaunchInfo, detect_launch
+from papo_mega.distributed.lifetime import tie_children_to_this_process
 from papo_mega.distributed.layout import ParallelLayout
 from papo_mega.errors import LaunchError, LayoutError
 
@@ -148,6 +149,7 @@ def init_distributed(
     """
     quiet_known_warnings()
     launch = launch or detect_launch()
+    tie_children_to_this_process(launch.launcher)  # a SIGKILL of this rank leaves no process behind
     layout = ParallelLayout(world_size=launch.world_size, **(layout_sizes or {}))
     backend = backend or default_backend()
     if backend == "gloo" and not torch.cuda.is_available():

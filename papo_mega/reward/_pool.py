@@ -8,8 +8,10 @@ replaced, and returns (False, "timeout") at once.
 Workers are plain `python _worker.py` subprocesses talking JSON lines over pipes rather than
 multiprocessing 'spawn'/'forkserver' children: those re-import the trainer's main module (torch,
 megatron) in every worker, and pickling is not needed for two strings. Workers start lazily, at
-the first check that needs one, are reused, and are killed by `shutdown_pool` (run at exit). An
-orphaned worker exits at stdin EOF when idle, or by its CPU-time limit when stuck (_worker.py).
+the first check that needs one, are reused, and are killed by `shutdown_pool` (run at exit). A
+worker dies with this process even when it is SIGKILLed: it asks for PR_SET_PDEATHSIG, which fires
+when the *thread* that started it exits, so every worker is started by one spawner thread that
+lives as long as the pool (check() runs in short-lived executor threads).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class _Worker:
     """One worker process; used by one thread at a time (the pool hands it out)."""
 
     def __init__(self, memory_limit_mb: int) -> None:
-        env = dict(os.environ, PAPO_REWARD_WORKER_MEMORY_MB=str(memory_limit_mb))
+        env = dict(os.environ, PAPO_REWARD_WORKER_MEMORY_MB=str(memory_limit_mb),
+                   PAPO_REWARD_PARENT_PID=str(os.getpid()))
         self.proc = subprocess.Popen([sys.executable, WORKER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, close_fds=True, env=env)
         self._buffer = b""
@@ -131,6 +134,8 @@ class VerifyPool:
         self._free: list[_Worker | None] = [None] * self.num_workers
         self._live: set[_Worker] = set()
         self._closed = False
+        # One long-lived thread starts every worker (see the module docstring: PR_SET_PDEATHSIG).
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="papo-reward-spawner")
         self.restarts = 0
         """Workers killed after a timeout or a crash (for logging)."""
 
@@ -158,7 +163,7 @@ class VerifyPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the math-verify pool is shut down")
-            worker = _Worker(self.memory_limit_mb)
+            worker = self._spawner.submit(_Worker, self.memory_limit_mb).result()
             self._live.add(worker)
             return worker
 
@@ -226,6 +231,7 @@ class VerifyPool:
             self._live.clear()
         for worker in workers:
             worker.kill()
+        self._spawner.shutdown(wait=False)
 
 
 _POOL: VerifyPool | None = None

@@ -12,8 +12,10 @@ Protocol (UTF-8, one object per line):
     -> {"ok": bool, "reason": "math_verify" | "wrong" | "unparsable_truth" | "error", "detail": "..."}
 `sleep` (seconds, before verifying) is a test hook that makes a call hang on purpose.
 The parent enforces time limits by killing this process; math-verify's own SIGALRM timeouts are
-off. An idle worker exits when stdin closes (its parent is gone); a busy one whose parent died is
-ended by the CPU-time limit `cpu_budget` (seconds) set before each check.
+off. The worker dies with its parent: PR_SET_PDEATHSIG (the pool starts workers from one
+long-lived thread, so "the thread that started us" lives as long as the parent); without it (not
+Linux) an idle worker exits when stdin closes and a busy one by the CPU-time limit `cpu_budget`
+(seconds) set before each check.
 """
 
 import json
@@ -32,7 +34,7 @@ def _limit_cpu(budget_s: float) -> None:
     The parent kills a worker at the time limit; this is the backstop for a worker whose parent
     died while it was stuck in C code (sympy's big-integer arithmetic ignores signals and threads).
     Only the soft limit moves: an unprivileged process cannot raise a hard limit it lowered.
-    (PR_SET_PDEATHSIG is no use here: it fires when the *thread* that started us exits.)"""
+    (Where PR_SET_PDEATHSIG is available, `_die_with_parent` makes this moot.)"""
     try:
         import resource
 
@@ -44,6 +46,22 @@ def _limit_cpu(budget_s: float) -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
     except Exception:
         pass
+
+
+def _die_with_parent() -> None:
+    """SIGKILL from the kernel when the parent's starting thread exits; exit if the parent is gone.
+
+    The same as papo_mega.distributed.lifetime.die_with_parent, repeated because this script must
+    not import papo_mega (papo_mega.distributed's __init__ imports torch)."""
+    parent = int(os.environ.get("PAPO_REWARD_PARENT_PID", "0") or 0)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _limit_memory() -> None:
@@ -69,6 +87,7 @@ def _send(obj: dict, out) -> None:
 def main() -> int:
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol
+    _die_with_parent()
     _limit_memory()
     try:
         import resource
