@@ -5,7 +5,11 @@ Every question is answered k times with the original image, the PAPO-masked imag
 that answers from the text alone scores the same on all three ("vision reliance" = original
 minus blank accuracy, and original minus masked). Writes eval.json and eval.md.
 
-    papo-mega eval --ckpt MODEL_DIR --data SHARDS [--k 8] [--max-samples N] [overrides]
+    papo-mega eval --ckpt MODEL_DIR --data SHARDS [--k 8] [--max-samples N] [--config RECIPE] [overrides]
+
+MODEL_DIR is a model directory (RUN_DIR/final, sft output, a converted model) or a training
+checkpoint (RUN_DIR/checkpoints/step_N); its stored image, prompt, rollout and reward settings and
+its tokenizer apply unless the recipe or an override sets them (model_dir.config_from_model).
 """
 
 from __future__ import annotations
@@ -153,27 +157,28 @@ def write_results(result: dict, out_dir: str | Path) -> Path:
 
 def run_eval_cli(ckpt: str, data: str, k: int, cfg: Config, max_samples: int | None, out_dir: str | None,
                  batch_prompts: int) -> dict:
-    """`papo-mega eval`: load the model directory at the configured layout, evaluate, write tables."""
+    """`papo-mega eval`: load the model directory (or training checkpoint) at the configured layout,
+    evaluate with its stored settings where the config leaves them unset, write tables."""
     from papo_mega.data.tokenizer import load_tokenizer
     from papo_mega.distributed import detect_launch, init_distributed, shutdown_distributed
     from papo_mega.errors import PapoError
-    from papo_mega.model_dir import load_model_dir
+    from papo_mega.model_dir import init_from_model, read_model_source
     from papo_mega.rollout.engine import MegatronEngine
 
     if not Path(data).is_dir():
         raise PapoError(f"--data {data} is not a directory of shards; make one with tools/make_synthetic.py or make_shards.py")
     if k < 1:
         raise PapoError(f"--k {k} must be >= 1")
+    read_model_source(ckpt)  # a wrong path fails before any process group starts
     launch = detect_launch()
     groups = init_distributed(cfg.parallel.layout_sizes(), launch=launch, timeout_s=cfg.parallel.timeout_s,
                               seed=cfg.train.seed)
     try:
-        chunks, _, model, vision = load_model_dir(ckpt, groups)
-        cfg = replace(cfg, model=model, vision=vision)
+        cfg, chunks = init_from_model(cfg, ckpt, groups)
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model)
         for chunk in chunks:
             chunk.eval()
-        tokenizer = load_tokenizer(cfg.data.tokenizer, model)
-        engine = MegatronEngine(chunks, groups, model, vision.spatial_merge_size, [tokenizer.eos_id],
+        engine = MegatronEngine(chunks, groups, cfg.model, cfg.vision.spatial_merge_size, [tokenizer.eos_id],
                                 tokenizer.pad_id, decode=tokenizer.decode)
         result = evaluate(engine, tokenizer, cfg, groups, data, k, max_samples, batch_prompts,
                           show_progress=sys.stderr.isatty())

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from papo_mega.config import Config, ModelConfig, save_config
+from papo_mega.config import Config, ModelConfig, explicit_keys, save_config, set_explicit_keys
 from papo_mega.data.image import BadImage
 from papo_mega.data.prepare import prepare_prompt
 from papo_mega.data.prompts import PromptTooLong
@@ -39,6 +39,10 @@ from papo_mega.models.rope_index import compute_mrope_position_ids
 
 LOG_NAME = "sft_log.json"
 """Per-step loss, grad norm and wall time, written next to the model (rank 0)."""
+SFT_RUN = "sft_run"
+"""RUN_DIR/sft_run: SFT's checkpoints, metrics.jsonl, TensorBoard, plots and config.yaml (RL's
+`--resume auto` and metrics live in RUN_DIR itself; the demo runs both in one run directory)."""
+LOSS_TAG = "loss/sft"
 
 
 def sft_target(answer: str) -> str:
@@ -122,30 +126,95 @@ def sft_config(cfg: Config) -> Config:
     train = replace(cfg.train, steps=s.steps, lr=s.lr, micro_batch_size=s.micro_batch_size,
                     global_batch_size=s.global_batch_size, lr_schedule="cosine", warmup_steps=s.steps // 20,
                     min_lr=0.1 * s.lr)
-    return replace(cfg, train=train)
+    return set_explicit_keys(replace(cfg, train=train), explicit_keys(cfg))  # model directories need them
 
 
-def run_sft(cfg: Config) -> Path:
-    """Train cfg.sft.steps steps on cfg.data.train_shards; return the model directory written."""
+def sft_paths(cfg: Config) -> tuple[Path, Path]:
+    """(the model directory sft writes, its run directory RUN_DIR/sft_run): checkpoints, metrics,
+    TensorBoard, plots and config of SFT live apart from RL's, which shares run.run_dir."""
+    return Path(cfg.sft.out or Path(cfg.run.run_dir) / "sft"), Path(cfg.run.run_dir) / SFT_RUN
+
+
+def _resume(cfg: Config, run_dir: Path, out: Path, chunks, optimizer, scheduler, stream, groups, overwrite: bool,
+            allow_config_change: bool) -> tuple[int, list[dict]]:
+    """(the step to continue after, the step log so far): from RUN_DIR/sft_run's checkpoint, as train does."""
+    from papo_mega.checkpoint import load_training_checkpoint, prepare_resume, run_files
+    from papo_mega.config_diff import BENIGN_SFT
+
+    evidence, outputs = run_files(run_dir, out)
+    resume = prepare_resume(cfg, run_dir, evidence=evidence, outputs=outputs, benign=BENIGN_SFT, overwrite=overwrite,
+                            allow_config_change=allow_config_change, command="sft")
+    if resume is None:
+        return 0, []
+    state = load_training_checkpoint(resume, chunks, optimizer, scheduler, groups,
+                                     load_optimizer=cfg.checkpoint.load_optimizer)
+    rank_state = state.get("rank_state") or {}
+    if "stream" in rank_state:
+        stream.load_state_dict(rank_state["stream"])
+    if groups.rank == 0:
+        print(f"[papo-mega] sft: resumed from {resume} at step {state['step']}", flush=True)
+    return int(state["step"]), log_from_metrics(run_dir, int(state["step"]))
+
+
+def log_from_metrics(run_dir: Path, upto: int) -> list[dict]:
+    """The sft_log.json rows of steps 1..upto, read back from RUN_DIR/sft_run/metrics.jsonl (JSON
+    floats round-trip exactly, so a resumed log equals the uninterrupted one)."""
+    from papo_mega.metrics import METRICS_FILE
+
+    path = run_dir / METRICS_FILE
+    rows = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if record.get("step", 0) <= upto and LOSS_TAG in record:
+            rows[record["step"]] = {"step": record["step"], "loss": record[LOSS_TAG],
+                                    "grad_norm": record["optim/grad_norm"], "wall_s": record["time/elapsed_s"]}
+    return [rows[k] for k in sorted(rows)]
+
+
+def _train_step(chunks, optimizer, scheduler, groups, examples: list[Example], pad_id: int, cfg: Config):
+    """One optimizer step on this rank's examples: (loss, grad norm)."""
+    mbs = cfg.sft.micro_batch_size
+    seq_len = step_seq_len(examples, cfg.model)
+    microbatches = [collate(examples[i : i + mbs], seq_len, pad_id, cfg)  # on the host: the forward step moves each
+                    for i in range(0, len(examples), mbs)]
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = forward_backward(chunks, microbatches, groups)
+    _, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    return loss, float(grad_norm or 0.0)
+
+
+def run_sft(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = False) -> Path:
+    """Train cfg.sft.steps steps on cfg.data.train_shards; return the model directory written.
+
+    Resumable like train (checkpoint.resume, default auto; checkpoints every checkpoint.save_every
+    steps and at the end, in RUN_DIR/sft_run/checkpoints); `overwrite` / `allow_config_change` as
+    for run_train (checkpoint.prepare_resume)."""
+    from papo_mega.checkpoint import save_training_checkpoint
     from papo_mega.data.tokenizer import load_tokenizer
     from papo_mega.distributed import init_job, shutdown_distributed
-    from papo_mega.model_dir import load_model_dir, save_model_dir
+    from papo_mega.metrics import MetricsLogger
+    from papo_mega.model_dir import init_from_model, save_model_dir
     from papo_mega.models.qwen_vl import build_model_chunks
     from papo_mega.optim import attach_grad_finalisation, build_optimizer, build_scheduler, wrap_ddp
+    from papo_mega.plots import plot_run
 
     check_train_shards(cfg.data.train_shards)
     cfg = sft_config(cfg)
     groups = init_job(cfg)
     try:
         is_main = groups.rank == 0
-        out = Path(cfg.sft.out or Path(cfg.run.run_dir) / "sft")
+        out, run_dir = sft_paths(cfg)
         if is_main:
-            save_config(cfg, cfg.run.run_dir)
             print(f"[papo-mega] sft: {groups.layout.describe()}, {cfg.sft.steps} steps of "
                   f"{cfg.sft.global_batch_size} samples from {cfg.data.train_shards}", flush=True)
-        if cfg.algo.init_from:
-            chunks, _, model, vision = load_model_dir(cfg.algo.init_from, groups)
-            cfg = replace(cfg, model=model, vision=vision)  # the stored architecture wins
+        if cfg.algo.init_from:  # the stored architecture, settings and tokenizer; explicit keys win
+            cfg, chunks = init_from_model(cfg, cfg.algo.init_from, groups)
         else:
             chunks = build_model_chunks(cfg.model, cfg.vision, groups, cfg.train.seed)
         if not cfg.vision.enabled:
@@ -158,38 +227,47 @@ def run_sft(cfg: Config) -> Path:
         tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model)
 
         # Every TP/PP rank of one replica reads the same DP share, so all of them see the same samples.
-        stream = iter(ShardStream(cfg.data.train_shards, dp_rank=groups.dp_rank, dp_size=groups.layout.dp_size,
-                                  seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                                  num_workers=cfg.data.num_workers, max_skip_fraction=cfg.data.max_skip_fraction,
-                                  transform=partial(make_example, tokenizer=tokenizer, cfg=cfg)))
-        mbs = cfg.sft.micro_batch_size
+        stream = ShardStream(cfg.data.train_shards, dp_rank=groups.dp_rank, dp_size=groups.layout.dp_size,
+                             seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                             num_workers=cfg.data.num_workers, max_skip_fraction=cfg.data.max_skip_fraction,
+                             transform=partial(make_example, tokenizer=tokenizer, cfg=cfg))
+        start, log = _resume(cfg, run_dir, out, chunks, optimizer, scheduler, stream, groups, overwrite,
+                             allow_config_change)
+        if is_main:
+            save_config(cfg, run_dir)
+        samples = iter(stream)
         per_rank = cfg.sft.global_batch_size // groups.layout.dp_size
-        log, start = [], time.perf_counter()
-        bar = tqdm(range(cfg.sft.steps), desc="sft", disable=not (is_main and sys.stderr.isatty()))
+        elapsed = log[-1]["wall_s"] if log else 0.0
+        logger = MetricsLogger(run_dir, cfg.run.tensorboard, is_main, start_step=start + 1)
+        bar = tqdm(range(start, cfg.sft.steps), desc="sft", disable=not (is_main and sys.stderr.isatty()))
         for step in bar:
-            examples = [next(stream) for _ in range(per_rank)]
-            seq_len = step_seq_len(examples, cfg.model)
-            microbatches = [collate(examples[i : i + mbs], seq_len, tokenizer.pad_id, cfg)  # on the host: the forward step moves each
-                            for i in range(0, per_rank, mbs)]
-            for chunk in chunks:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
-            loss = forward_backward(chunks, microbatches, groups)
-            _, grad_norm, _ = optimizer.step()
-            scheduler.step(increment=1)
-            grad_norm = float(grad_norm or 0.0)
-            log.append({"step": step + 1, "loss": loss, "grad_norm": grad_norm,
-                        "wall_s": round(time.perf_counter() - start, 3)})
+            began = time.perf_counter()
+            loss, grad_norm = _train_step(chunks, optimizer, scheduler, groups,
+                                          [next(samples) for _ in range(per_rank)], tokenizer.pad_id, cfg)
+            step_s = time.perf_counter() - began
+            elapsed = round(elapsed + step_s, 3)
+            log.append({"step": step + 1, "loss": loss, "grad_norm": grad_norm, "wall_s": elapsed})
+            # Logged before the checkpoint: metrics.jsonl always reaches the checkpoint's step.
+            logger.log(step + 1, {LOSS_TAG: loss, "optim/grad_norm": grad_norm,
+                                  "optim/lr": optimizer.param_groups[0]["lr"], "time/step_s": step_s,
+                                  "time/elapsed_s": elapsed})
+            done = step + 1
+            if (cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0) or done == cfg.sft.steps:
+                save_training_checkpoint(run_dir, done, chunks, optimizer, scheduler,
+                                         {"stream": stream.state_dict()}, cfg, groups)
             bar.set_postfix(loss=f"{loss:.4f}")
-            if is_main and (step + 1) % cfg.train.log_every == 0:
-                tqdm.write(f"sft step {step + 1:4d}/{cfg.sft.steps}  loss {loss:.4f}  grad_norm {grad_norm:.3f}",
+            if is_main and done % cfg.train.log_every == 0:
+                tqdm.write(f"sft step {done:4d}/{cfg.sft.steps}  loss {loss:.4f}  grad_norm {grad_norm:.3f}",
                            file=sys.stdout)
         bar.close()
-        save_model_dir(chunks, out, cfg.model, cfg.vision, groups)
+        logger.close()
+        save_model_dir(chunks, out, cfg.model, cfg.vision, groups, cfg=cfg)
         if is_main:
             (out / LOG_NAME).write_text(json.dumps(log, indent=1))
-            print(f"[papo-mega] sft: model directory {out} (loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f})",
-                  flush=True)
+            plot_run(run_dir)
+            curve = f" (loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f})" if log else ""
+            print(f"[papo-mega] sft: model directory {out}{curve}; checkpoints, metrics, TensorBoard and plots in "
+                  f"{run_dir}", flush=True)
         return out
     finally:
         shutdown_distributed()

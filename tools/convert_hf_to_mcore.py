@@ -38,6 +38,9 @@ def convert(args) -> int:
     seconds = time.perf_counter() - start
     gib = result["hf_bytes"] / 2**30
     print(f"converted {args.hf} ({gib:.3f} GiB, {dtype}) -> {args.out} at {result['layout']}")
+    files = result["tokenizer_files"]
+    print(f"tokenizer: {', '.join(files)} copied into {args.out}/tokenizer" if files else
+          f"tokenizer: none in {args.hf} (no tokenizer.json); eval and training need data.tokenizer=PATH/tokenizer.json")
     growth = result["peak_rss_growth"]
     print(f"seconds {seconds:.1f}  seconds_per_GiB {seconds / max(gib, 1e-9):.1f}  "
           f"peak_rss_GiB {result['peak_rss'] / 2**30:.3f} (per rank; {growth / 2**30:.3f} above the "

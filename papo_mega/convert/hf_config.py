@@ -104,3 +104,23 @@ def hf_config_kwargs(model: ModelConfig, vision: VisionConfig) -> dict:
         vision_start_token_id=model.vision_start_token_id, vision_end_token_id=model.vision_end_token_id,
         tie_word_embeddings=model.tie_embeddings,
     )
+
+
+def precision_dtype(precision: str) -> str:
+    """The HF dtype name weights of this precision are exported in (fp8 training keeps bf16 weights)."""
+    return {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}[precision]
+
+
+def hf_config_dict(model: ModelConfig, vision: VisionConfig) -> dict:
+    """transformers' Qwen2_5_VLConfig of our sections, as the dict a config.json holds."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers.utils import logging as hf_logging
+
+    # A tiny vocabulary makes transformers warn that Qwen's default bos/eos ids lie outside it;
+    # they are unused by export and eval, so keep the run's output clean.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return Qwen2_5_VLConfig(**hf_config_kwargs(model, vision)).to_dict()
+    finally:
+        hf_logging.set_verbosity(verbosity)

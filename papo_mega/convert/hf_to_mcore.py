@@ -9,6 +9,7 @@ is this rank's shard plus one unit's full tensors. The checkpoint is written und
 name and renamed when complete.
 
 Checkpoint directory:  <out>/model/ (megatron dist checkpoint)  <out>/papo_model.json
+                       <out>/tokenizer/ (the HF folder's tokenizer and preprocessor files)
 """
 
 from __future__ import annotations
@@ -91,27 +92,40 @@ def fill_from_hf(chunks, groups, reader: SafetensorsReader, model: ModelConfig, 
         del full
 
 
-def write_metadata(out: Path, hf_config: dict, model: ModelConfig, vision: VisionConfig, dtype: str) -> None:
+def write_metadata(out: Path, hf_config: dict, model: ModelConfig, vision: VisionConfig, dtype: str,
+                   settings: dict | None = None, tokenizer: str | None = None) -> None:
+    """papo_model.json; settings (model_dir.STORED_SETTINGS) and tokenizer (a file relative to out)
+    make the directory self-describing."""
     from dataclasses import asdict
 
     meta = {"format": "papo_mega/1", "hf_config": hf_config, "hf_dtype": dtype,
             "model": asdict(model), "vision": asdict(vision)}
+    if settings:
+        meta["settings"] = settings
+    if tokenizer:
+        meta["tokenizer"] = tokenizer
     (out / META).write_text(json.dumps(meta, indent=2))
 
 
 def read_metadata(ckpt: str | Path) -> tuple[dict, ModelConfig, VisionConfig]:
     path = Path(ckpt) / META
     if not path.is_file():
-        raise PapoError(f"{path} not found; --ckpt must be a directory written by convert_hf_to_mcore.py")
-    meta = json.loads(path.read_text())
-    return meta, ModelConfig(**meta["model"]), VisionConfig(**meta["vision"])
+        raise PapoError(f"{path} not found; --ckpt must be a model directory (training's final/, papo-mega sft "
+                        f"output or tools/convert_hf_to_mcore.py output) or a RUN_DIR/checkpoints/step_N")
+    try:
+        meta = json.loads(path.read_text())
+        return meta, ModelConfig(**meta["model"]), VisionConfig(**meta["vision"])
+    except (ValueError, KeyError, TypeError) as err:  # ConfigError is a ValueError too: one line either way
+        raise PapoError(f"{path} is damaged or from another version ({type(err).__name__}: {str(err)[:200]}); "
+                        f"re-convert or re-export the model") from None
 
 
 def convert_rank(hf_dir: str, out_dir: str, layout_sizes: dict) -> dict:
     """Run on every rank of the conversion job; returns this rank's peak RSS (bytes)."""
 
+    from papo_mega.data.tokenizer import HF_TOKENIZER, copy_hf_tokenizer_files
     from papo_mega.distributed import init_distributed
-    from papo_mega.model_dir import save_model
+    from papo_mega.model_dir import TOKENIZER_DIR, save_model
     from papo_mega.models.qwen_vl import build_model_chunks
 
     hf_config = read_hf_config(hf_dir)
@@ -129,9 +143,13 @@ def convert_rank(hf_dir: str, out_dir: str, layout_sizes: dict) -> dict:
     save_model(chunks, tmp / "model")
     dist.barrier()
     if groups.rank == 0:
-        write_metadata(tmp, hf_config, model, vision, dtype)
+        # The tokenizer and preprocessor files travel with the model: eval and training find them.
+        copied = copy_hf_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
+        tokenizer = f"{TOKENIZER_DIR}/{HF_TOKENIZER}" if HF_TOKENIZER in copied else None
+        write_metadata(tmp, hf_config, model, vision, dtype, tokenizer=tokenizer)
         tmp.rename(out)  # published only when complete
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, (peak_rss_bytes(), peak_rss_bytes() - baseline))
     return {"peak_rss": max(p[0] for p in peaks), "peak_rss_growth": max(p[1] for p in peaks),
-            "hf_bytes": reader.total_bytes(), "layout": groups.layout.describe()}
+            "hf_bytes": reader.total_bytes(), "layout": groups.layout.describe(),
+            "tokenizer_files": sorted(p.name for p in (out / TOKENIZER_DIR).glob("*"))}

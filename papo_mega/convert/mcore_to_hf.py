@@ -1,4 +1,4 @@
-"""megatron-core checkpoint -> Hugging Face Qwen2.5-VL (safetensors + config.json).
+"""megatron-core checkpoint -> Hugging Face Qwen2.5-VL (safetensors + config.json + tokenizer files).
 
 Loads the checkpoint at TP1/PP1 in one process (the full model in host memory), maps names and
 layouts back, restores the original dtype and writes under a temporary name, renamed at the end.
@@ -32,12 +32,15 @@ def full_state_to_hf(ours: dict[str, torch.Tensor], model, vision, dtype: str) -
 
 
 def export_rank(ckpt_dir: str, out_dir: str) -> dict:
-    """Single-process export (run inside a world of one)."""
+    """Single-process export (run inside a world of one) of a model directory or training checkpoint;
+    the HF folder gets the model's tokenizer and preprocessor files beside its weights."""
+    from papo_mega.data.tokenizer import store_tokenizer
     from papo_mega.distributed import init_distributed
     from papo_mega.distributed.sharding import named_local_params
-    from papo_mega.model_dir import load_model_dir
+    from papo_mega.model_dir import load_model_dir, read_model_source
 
     groups = init_distributed({})
+    source = read_model_source(ckpt_dir)
     chunks, meta, model, vision = load_model_dir(ckpt_dir, groups)
     ours = {name: param.detach() for chunk in chunks for name, param in named_local_params(chunk)}
     hf = full_state_to_hf(ours, model, vision, meta["hf_dtype"])
@@ -46,8 +49,9 @@ def export_rank(ckpt_dir: str, out_dir: str) -> dict:
     tmp.mkdir(parents=True)
     write_safetensors(hf, tmp)
     (tmp / "config.json").write_text(json.dumps(meta["hf_config"], indent=2))
+    tokenizer = store_tokenizer(source.tokenizer, model, tmp)
     tmp.rename(out)
-    return {"tensors": len(hf)}
+    return {"tensors": len(hf), "tokenizer": tokenizer}
 
 
 def check_output_dir(out: str | Path) -> None:

@@ -1,6 +1,6 @@
 """One small tokenizer interface over HF `tokenizers` (Qwen2 tokenizer.json) and `sentencepiece`.
 
-    tok = load_tokenizer(cfg.data.tokenizer, cfg.model)   # '' -> the tiny sentencepiece tokenizer
+    tok = load_tokenizer(cfg.data.tokenizer, cfg.model)   # '' -> the tiny one (tiny-layout models only)
     ids = tok.encode("How many shapes?")                  # plain text, no special tokens added
     tok.decode(ids), tok.image_token_id, tok.eos_id, ...
 
@@ -169,23 +169,81 @@ def build_tiny_tokenizer(out_dir: str | Path, seed: int = 0) -> Path:
     return path
 
 
+HF_TOKENIZER = "tokenizer.json"
+HF_TOKENIZER_FILES = (HF_TOKENIZER, "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                      "added_tokens.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja",
+                      "generation_config.json")
+"""The tokenizer and preprocessor files of a Hugging Face model folder, copied by conversion both ways."""
+
+
+def copy_hf_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
+    """Copy whichever HF_TOKENIZER_FILES exist in src_dir into dst_dir; returns their names."""
+    import shutil
+
+    names = [n for n in HF_TOKENIZER_FILES if (Path(src_dir) / n).is_file()]
+    if names:
+        Path(dst_dir).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copyfile(Path(src_dir) / name, Path(dst_dir) / name)
+    return names
+
+
+def store_tokenizer(spec: str, model_cfg, dst_dir: str | Path) -> str | None:
+    """Write the tokenizer data.tokenizer=spec names into dst_dir as files; returns the name to load
+    (tokenizer.json or *.model), or None when spec names none (the tiny one, on a model without its layout)."""
+    import shutil
+
+    dst = Path(dst_dir)
+    if not spec:
+        if not fits_tiny_tokenizer(model_cfg):
+            return None
+        build_tiny_tokenizer(dst)
+        return TINY_MODEL_NAME
+    path = _tokenizer_path(spec)
+    if path.suffix == ".model":
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dst / path.name)
+        return path.name
+    copy_hf_tokenizer_files(path.parent, dst)
+    if path.name != HF_TOKENIZER:  # a tokenizer.json of another name still loads under its own
+        shutil.copyfile(path, dst / HF_TOKENIZER)
+    return HF_TOKENIZER
+
+
+def fits_tiny_tokenizer(model_cfg) -> bool:
+    """Whether the model has the tiny tokenizer's id layout (its vision ids); a Qwen2.5-VL model does not."""
+    vision_ids = (model_cfg.image_token_id, model_cfg.video_token_id, model_cfg.vision_start_token_id,
+                  model_cfg.vision_end_token_id)
+    return vision_ids == TINY_VISION_IDS
+
+
+def _tokenizer_path(spec: str) -> Path:
+    path = Path(spec) / HF_TOKENIZER if Path(spec).is_dir() else Path(spec)
+    if not path.is_file():
+        raise PapoError(f"data.tokenizer={spec!r}: {path} does not exist; point data.tokenizer at the model's "
+                        f"tokenizer.json (or a directory holding one) or a sentencepiece *.model file")
+    if path.suffix not in (".model", ".json"):
+        raise PapoError(f"data.tokenizer={spec!r} is neither a tokenizer.json nor a sentencepiece *.model")
+    return path
+
+
 def load_tokenizer(spec: str, model_cfg) -> Tokenizer:
-    """The tokenizer named by data.tokenizer ('' builds the tiny one), checked against the model config."""
+    """The tokenizer named by data.tokenizer, checked against the model config.
+
+    '' is the tiny toy tokenizer, and only for models with its id layout (the tiny preset): for a
+    real model it would be a silent wrong answer, so that is an error naming the fix."""
     vision_ids = (model_cfg.image_token_id, model_cfg.video_token_id, model_cfg.vision_start_token_id,
                   model_cfg.vision_end_token_id)
     if not spec:
+        if not fits_tiny_tokenizer(model_cfg):
+            raise PapoError(f"no tokenizer for this model (image_token_id {model_cfg.image_token_id}, vocab_size "
+                            f"{model_cfg.vocab_size}): the built-in toy tokenizer fits only the tiny preset; set "
+                            f"data.tokenizer=PATH/tokenizer.json (the HF checkpoint's), or convert the model with "
+                            f"tools/convert_hf_to_mcore.py, which stores its tokenizer in the model directory")
         tok: Tokenizer = SentencePieceTokenizer(train_tiny_sentencepiece(), vision_ids)
     else:
-        path = Path(spec) / "tokenizer.json" if Path(spec).is_dir() else Path(spec)
-        if not path.is_file():
-            raise PapoError(f"data.tokenizer={spec!r}: {path} does not exist; give a tokenizer.json, a *.model "
-                            f"file, a directory holding tokenizer.json, or '' for the tiny tokenizer")
-        if path.suffix == ".model":
-            tok = SentencePieceTokenizer(path, vision_ids)
-        elif path.suffix == ".json":
-            tok = HFTokenizer(path)
-        else:
-            raise PapoError(f"data.tokenizer={spec!r} is neither a tokenizer.json nor a sentencepiece *.model")
+        path = _tokenizer_path(spec)
+        tok = SentencePieceTokenizer(path, vision_ids) if path.suffix == ".model" else HFTokenizer(path)
     _check_against_model(tok, model_cfg, spec)
     return tok
 
