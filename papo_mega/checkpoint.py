@@ -112,10 +112,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     Temporary (unpublished) directories are never returned. No collectives."""
     root = checkpoints_dir(run_dir)
     pointer = root / LATEST
-    try:
-        name = pointer.read_text().strip()
-    except OSError:
-        name = None
+    name = _pointer_name(root)
     if name and _STEP_DIR.match(name) and is_complete_checkpoint(root / name):
         return root / name
     steps = _complete_steps(root)
@@ -126,17 +123,134 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
-def resolve_resume(cfg) -> Path | None:
-    """Which checkpoint to resume from: checkpoint.resume = auto (the latest in run.run_dir, or
-    None for a fresh run), none (None), or a path (that checkpoint; PapoError if incomplete)."""
+def _pointer_name(root: Path) -> str | None:
+    try:
+        return (root / LATEST).read_text().strip()
+    except OSError:
+        return None
+
+
+# -- damaged checkpoints ---------------------------------------------------------------------------
+
+
+def _marker_problem(path: Path) -> str | None:
+    """Why path/checkpoint.json does not mark a complete checkpoint (None: it does)."""
+    try:
+        meta = json.loads((path / MARKER).read_text())
+    except OSError as err:
+        return f"{MARKER} unreadable ({err.strerror or type(err).__name__})"
+    except ValueError as err:
+        return f"{MARKER} is not valid JSON ({str(err).splitlines()[0]})"
+    if not (isinstance(meta, dict) and meta.get("complete") is True):
+        return f"{MARKER} does not say complete: true"
+    return None
+
+
+def _shards_problem(path: Path) -> str | None:
+    """A missing or truncated shard file: every byte range torch's .metadata indexes must exist."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as err:  # noqa: BLE001 - a truncated pickle raises many kinds
+        return f"its shard index .metadata is unreadable ({type(err).__name__})"
+    need: dict[str, int] = {}
+    for info in storage.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        try:
+            have = (path / name).stat().st_size
+        except OSError:
+            return f"shard file {name} is missing"
+        if have < size:
+            return f"shard file {name} is truncated ({have} of {size} bytes)"
+    return None
+
+
+def _rank_files_problem(path: Path, meta: dict) -> str | None:
+    for entry in meta.get("ranks") or []:
+        rank_file = path / RANK_STATE / f"rank_{int(entry['rank']):05d}.pt"
+        try:
+            torch.load(rank_file, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - OSError, unpickling or zip errors of a cut file
+            return f"{RANK_STATE}/{rank_file.name} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    return None
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why a published checkpoint directory cannot be resumed (None: intact as far as can be told
+    without loading it): an unreadable marker, a missing or truncated shard file, an unreadable
+    rank_state file or config.yaml. Checkpoints of another format version are left to the load to
+    report. No collectives (rank 0 decides for all: `prepare_resume`)."""
+    path = Path(path)
+    problem = _marker_problem(path)
+    if problem is not None:
+        return problem
+    meta = read_marker(path) or {}
+    if meta.get("format_version") != FORMAT_VERSION:
+        return None
+    for check in (lambda: _shards_problem(path), lambda: _rank_files_problem(path, meta)):
+        problem = check()
+        if problem is not None:
+            return problem
+    from papo_mega.config import read_yaml
+
+    try:
+        read_yaml(path / "config.yaml")
+    except Exception as err:  # noqa: BLE001 - OSError, YAML or duplicate-key errors
+        return f"config.yaml is unreadable ({type(err).__name__})"
+    return None
+
+
+def _published_steps(root: Path) -> list[Path]:
+    """Every published-looking step_N directory (complete or not), newest first."""
+    if not root.is_dir():
+        return []
+    return sorted((e for e in root.iterdir() if _STEP_DIR.match(e.name) and e.is_dir()), reverse=True)
+
+
+def newest_intact_checkpoint(run_dir: str | Path, notes: list[str] | None = None) -> Path | None:
+    """The checkpoint `resume=auto` takes: `latest`'s if intact, else the newest intact step_N.
+    Every damaged checkpoint newer than the one chosen is reported in `notes` with its cause;
+    a PapoError when step directories exist but none is intact. No collectives."""
+    root = checkpoints_dir(run_dir)
+    name = _pointer_name(root)
+    pointed = root / name if name and _STEP_DIR.match(name) else None
+    candidates = ([pointed] if pointed is not None and pointed.is_dir() else [])
+    candidates += [p for p in _published_steps(root) if p != pointed]
+    damaged = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            notes = notes if notes is not None else []
+            notes += [f"checkpoint {p} is damaged ({why}); resuming from the newest intact one, {path}"
+                      for p, why in damaged]
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        causes = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+        raise PapoError(f"no intact checkpoint in {root} ({causes}); resume from another run's checkpoint with "
+                        f"checkpoint.resume=PATH, or start afresh with --resume none --overwrite")
+    return None
+
+
+def resolve_resume(cfg, run_dir: str | Path | None = None, notes: list[str] | None = None) -> Path | None:
+    """Which checkpoint to resume from: checkpoint.resume = auto (the newest intact one in
+    run_dir, default run.run_dir, or None for a fresh run), none (None), or a path (that
+    checkpoint; PapoError if incomplete or damaged). Damaged checkpoints skipped by auto are
+    described in `notes`. No collectives."""
     resume = str(cfg.checkpoint.resume).strip()
     if resume == "auto":
-        return latest_checkpoint(cfg.run.run_dir)
+        return newest_intact_checkpoint(run_dir if run_dir is not None else cfg.run.run_dir, notes)
     if resume in ("none", ""):
         return None
     path = Path(resume)
-    if is_complete_checkpoint(path):
-        return path
+    if (path / MARKER).exists() and not _TMP_DIR.match(path.name):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        raise PapoError(f"checkpoint.resume={resume} is damaged ({problem}); pass an earlier checkpoint of "
+                        f"{path.parent} or checkpoint.resume=auto, which takes the newest intact one")
     if (path / CHECKPOINTS).is_dir() or path.name == CHECKPOINTS:
         hint = f"it looks like a run directory; pass one of its {CHECKPOINTS}/step_* directories or resume=auto"
     elif _TMP_DIR.match(path.name):
@@ -506,6 +620,14 @@ def _pick_rank_file(path: Path, meta: dict, groups, layout: dict) -> tuple[Path 
     return None, "none"
 
 
+def _damaged_fix(path: Path) -> str:
+    """The fix for a checkpoint whose files cannot be read: the newest earlier intact one."""
+    earlier = [p for p in _published_steps(path.parent) if p.name < path.name and checkpoint_problem(p) is None]
+    if earlier:
+        return f"the checkpoint is damaged; resume from the earlier one with checkpoint.resume={earlier[0]}"
+    return "the checkpoint is damaged and no earlier intact one exists; start afresh with --resume none --overwrite"
+
+
 def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler, groups,
                              load_optimizer: bool = True) -> dict:
     """Restore a training checkpoint into this run's chunks, optimizer and scheduler (collective).
@@ -548,15 +670,16 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler, gro
         fmt = meta["optimizer"]["format"] if kind == "distributed" else DISTOPT_FORMAT
         sharded["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=optimizer_metadata(kind, fmt))
-    hint = " or pass checkpoint.load_optimizer=false" if restore_optimizer else ""
+    # The model matches (checked above), so a failing read means damaged files, not a wrong
+    # optimizer setting: name the earlier checkpoint to resume from instead.
+    fix = _damaged_fix(path)
     try:
-        loaded = load_sharded(sharded, path, fix=f"check the checkpoint matches this model{hint}")
+        loaded = load_sharded(sharded, path, fix=fix)
     except PapoError:
         raise
     except (Exception, _checkpoint_exception()) as err:  # noqa: BLE001 - megatron's reasons are many
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PapoError(f"could not load {path} ({type(err).__name__}: {first[:300]}); check the checkpoint "
-                        f"matches this model{hint}") from None
+        raise PapoError(f"could not load {path} ({type(err).__name__}: {first[:300]}); {fix}") from None
     load_chunk_states(chunks, loaded["model"])
     if restore_optimizer:
         # megatron 0.16's dp_reshardable load copies into views of the (fp32) weights; outside
@@ -572,7 +695,11 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler, gro
     rank_file, how = _pick_rank_file(path, meta, groups, layout)
     rank_state = None
     if rank_file is not None:
-        payload = torch.load(rank_file, map_location="cpu", weights_only=False)
+        try:
+            payload = torch.load(rank_file, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - OSError / unpickling error of a cut file
+            raise PapoError(f"could not read {rank_file} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                            f"{fix}") from None
         rank_state = payload["user"]
         restore_rng_states(payload["rng"], tracker=how == "own")
     if how != "own" and dist.get_rank() == 0:
@@ -584,9 +711,148 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler, gro
                      "(rank_state=None): data streams start afresh")
     config = {}
     try:
-        import yaml
+        from papo_mega.config import read_yaml
 
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    except (OSError, ValueError) as err:
+        config = read_yaml(path / "config.yaml") or {}
+    except Exception as err:  # noqa: BLE001 - OSError, YAML errors: the config is informative only
         _log.warning("could not read %s: %s", path / "config.yaml", err)
     return {"step": int(meta["step"]), "rank_state": rank_state, "config": config}
+
+
+# -- starting or continuing a run (collective: rank 0 decides, every rank gets the same answer) ----
+
+
+def _holds_output(path: Path) -> bool:
+    """Whether path is saved work: a checkpoints folder with step directories, a non-empty file, a
+    model directory."""
+    if path.name == CHECKPOINTS:
+        return bool(_published_steps(path))
+    if path.is_file():
+        return path.stat().st_size > 0
+    return path.exists()
+
+
+def move_aside(run_dir: Path, paths: list[Path]) -> Path:
+    """--overwrite: move `paths` into RUN_DIR/replaced-<UTC time>/ (kept, not deleted)."""
+    dest = run_dir / time.strftime("replaced-%Y%m%dT%H%M%SZ", time.gmtime())
+    while dest.exists():
+        dest = dest.with_name(dest.name + "-1")
+    dest.mkdir(parents=True)
+    for path in paths:
+        if path.exists():
+            os.replace(path, dest / path.name)
+    return dest
+
+
+def _fresh_start(run_dir: Path, mode: str, evidence: list[Path], outputs: list[Path], overwrite: bool,
+                 command: str) -> list[str]:
+    """A run starting at step 0 in a directory that holds saved work refuses, unless --overwrite
+    moves that work aside. With resume=auto and no checkpoint, a metrics.jsonl alone is a run killed
+    before its first save: starting again repeats it, nothing is lost."""
+    found = [p for p in evidence if _holds_output(p) and not (mode == "auto" and p.name == "metrics.jsonl")]
+    if not found:
+        return []
+    if overwrite:
+        return [f"--overwrite: moved the earlier run's {', '.join(p.name for p in outputs if p.exists())} to "
+                f"{move_aside(run_dir, outputs)}"]
+    names = ", ".join(str(p) for p in found)
+    raise PapoError(f"{run_dir} already holds a {command} run ({names}) and checkpoint.resume={mode} would start "
+                    f"over it; continue it with --resume auto, choose a new run.run_dir, or pass --overwrite to "
+                    f"move the earlier run to {run_dir}/replaced-<time>/")
+
+
+def _check_config(resume: Path, cfg, benign: tuple[str, ...], allow: bool) -> list[str]:
+    """Print how the config differs from the checkpoint's; refuse what changes the experiment."""
+    from papo_mega.config import config_to_dict, read_yaml
+    from papo_mega.config_diff import config_diff, describe, refused
+
+    diff = config_diff(read_yaml(resume / "config.yaml") or {}, config_to_dict(cfg))
+    bad = refused(diff, benign)
+    if bad and not allow:
+        raise PapoError(f"the config differs from the one {resume} was saved with in what defines the run "
+                        f"({describe(bad)}); resume with {resume / 'config.yaml'}, start a new run.run_dir, or "
+                        f"pass --allow-config-change")
+    return [f"config changed since {resume.name}{' (allowed by --allow-config-change)' if bad else ''}: "
+            f"{describe(diff)}"] if diff else []
+
+
+def archive_config(run_dir: Path, cfg, step: int) -> list[str]:
+    """Keep RUN_DIR/config.yaml as config.step_N.yaml (the config up to step N) when this run's
+    config differs from it, before save_config replaces it: the history stays readable."""
+    from papo_mega.config import config_to_dict, read_yaml
+    from papo_mega.config_diff import config_diff
+
+    target = run_dir / "config.yaml"
+    try:
+        old = read_yaml(target) or {}
+    except Exception:  # noqa: BLE001 - missing or unreadable: keep whatever is there if it exists
+        old = None
+    if old is None and not target.exists():
+        return []
+    if old is not None and not config_diff(old, config_to_dict(cfg)):
+        return []
+    kept = run_dir / f"config.step_{step:08d}.yaml"
+    while kept.exists():
+        kept = kept.with_name(kept.stem + "-1.yaml")
+    os.replace(target, kept)
+    return [f"kept the earlier {target.name} as {kept.name}"]
+
+
+def _decide_resume(cfg, run_dir: Path, evidence: list[Path], outputs: list[Path], benign: tuple[str, ...],
+                   overwrite: bool, allow_config_change: bool, command: str) -> tuple[Path | None, list[str]]:
+    notes: list[str] = []
+    resume = resolve_resume(cfg, run_dir, notes)
+    if resume is None:
+        notes += _fresh_start(run_dir, str(cfg.checkpoint.resume).strip(), evidence, outputs, overwrite, command)
+        step = 0
+    else:
+        notes += _check_config(resume, cfg, benign, allow_config_change)
+        step = int((read_marker(resume) or {}).get("step", 0))
+    notes += archive_config(run_dir, cfg, step)
+    return resume, notes
+
+
+def prepare_resume(cfg, run_dir: str | Path, *, evidence: list[Path], outputs: list[Path],
+                   benign: tuple[str, ...], overwrite: bool = False, allow_config_change: bool = False,
+                   command: str = "train") -> Path | None:
+    """The checkpoint a run continues from (None: a fresh start), decided once on rank 0 and
+    broadcast, so every rank resumes from the same one or raises the same PapoError (collective).
+
+    resume=auto skips damaged checkpoints, saying so; a resume whose config differs from the
+    checkpoint's prints the difference and refuses what is not in `benign` unless
+    `allow_config_change` (papo_mega/config_diff.py); a fresh start in a directory holding saved
+    work (`evidence`) refuses unless `overwrite` moves `outputs` aside; RUN_DIR/config.yaml of an
+    earlier config is kept as config.step_N.yaml. Call before anything writes to run_dir."""
+    import sys
+
+    import torch.distributed as dist
+
+    run_dir = Path(run_dir)
+    answer: list = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            resume, notes = _decide_resume(cfg, run_dir, evidence, outputs, benign, overwrite, allow_config_change,
+                                           command)
+            answer[0] = str(resume) if resume is not None else None
+            for note in notes:
+                print(f"[papo-mega] {note}", file=sys.stderr, flush=True)
+        except PapoError as err:
+            answer[1] = str(err)
+        except OSError as err:  # moving aside, renaming config.yaml: one line on every rank
+            answer[1] = f"could not prepare {run_dir} ({type(err).__name__}: {err}); check the run directory"
+    dist.broadcast_object_list(answer, src=0)
+    if answer[1]:
+        raise PapoError(answer[1])
+    return Path(answer[0]) if answer[0] else None
+
+
+def run_files(run_dir: str | Path, model_dir: str | Path | None = None) -> tuple[list[Path], list[Path]]:
+    """(evidence of an earlier run, everything --overwrite moves aside) of a run directory whose
+    final model is `model_dir` (default RUN_DIR/final, as train writes it)."""
+    from papo_mega.metrics import METRICS_FILE, TB_DIR
+
+    run_dir = Path(run_dir)
+    evidence = [run_dir / CHECKPOINTS, run_dir / METRICS_FILE, Path(model_dir) if model_dir else run_dir / "final"]
+    outputs = evidence + [run_dir / name for name in (TB_DIR, "plots", "eval", "config.yaml")]
+    outputs += sorted(run_dir.glob("config.step_*.yaml"))
+    return evidence, outputs

@@ -63,7 +63,8 @@ def _cmd_train(args) -> int:
 
         print("\n".join(run_dry_run(load_config(args.config, overrides), args.world_size, args.rank).lines()))
         return 0
-    run_train(load_config(args.config, overrides))
+    run_train(load_config(args.config, overrides), overwrite=args.overwrite,
+              allow_config_change=args.allow_config_change)
     return 0
 
 
@@ -71,8 +72,23 @@ def _cmd_sft(args) -> int:
     from papo_mega.config import load_config
     from papo_mega.sft import run_sft
 
-    run_sft(load_config(args.config, args.overrides))
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    run_sft(load_config(args.config, overrides), overwrite=args.overwrite,
+            allow_config_change=args.allow_config_change)
     return 0
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """--resume, --overwrite, --allow-config-change: train and sft continue or protect a run alike."""
+    parser.add_argument("--resume", default=None, help="auto (default from the recipe) | none | a checkpoint path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="a fresh start (--resume none) may replace an earlier run in run.run_dir: it is moved "
+                             "to RUN_DIR/replaced-<time>/")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even though the algorithm, model, data or optimisation settings differ from "
+                             "the checkpoint's (docs/checkpoints.md)")
 
 
 def _cmd_plot(args) -> int:
@@ -183,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="RL training (grpo | papo_g | dapo | papo_d), resumable")
     train.add_argument("config", help="YAML recipe, e.g. examples/papo_g_7b.yaml")
-    train.add_argument("--resume", default=None, help="auto (default from the recipe) | none | a checkpoint path")
+    _add_run_flags(train)
     train.add_argument("--dry-run", action="store_true",
                        help="build one rank of the layout on the meta device, check shapes, recipe and paths; no GPUs")
     train.add_argument("--world-size", type=int, default=None,
@@ -195,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sft = sub.add_parser("sft", help="supervised warm start on the training shards (PAPO answer format)")
     sft.add_argument("config", help="YAML recipe")
+    _add_run_flags(sft)
     sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=100")
     sft.set_defaults(func=_cmd_sft)
 
