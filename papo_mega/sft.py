@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from papo_mega.config import Config, ModelConfig, save_config
+from papo_mega.config import Config, ModelConfig, explicit_keys, save_config, set_explicit_keys
 from papo_mega.data.image import BadImage
 from papo_mega.data.prepare import prepare_prompt
 from papo_mega.data.prompts import PromptTooLong
@@ -126,7 +126,7 @@ def sft_config(cfg: Config) -> Config:
     train = replace(cfg.train, steps=s.steps, lr=s.lr, micro_batch_size=s.micro_batch_size,
                     global_batch_size=s.global_batch_size, lr_schedule="cosine", warmup_steps=s.steps // 20,
                     min_lr=0.1 * s.lr)
-    return replace(cfg, train=train)
+    return set_explicit_keys(replace(cfg, train=train), explicit_keys(cfg))  # model directories need them
 
 
 def sft_paths(cfg: Config) -> tuple[Path, Path]:
@@ -199,7 +199,7 @@ def run_sft(cfg: Config, *, overwrite: bool = False, allow_config_change: bool =
     from papo_mega.data.tokenizer import load_tokenizer
     from papo_mega.distributed import init_job, shutdown_distributed
     from papo_mega.metrics import MetricsLogger
-    from papo_mega.model_dir import load_model_dir, save_model_dir
+    from papo_mega.model_dir import init_from_model, save_model_dir
     from papo_mega.models.qwen_vl import build_model_chunks
     from papo_mega.optim import attach_grad_finalisation, build_optimizer, build_scheduler, wrap_ddp
     from papo_mega.plots import plot_run
@@ -213,9 +213,8 @@ def run_sft(cfg: Config, *, overwrite: bool = False, allow_config_change: bool =
         if is_main:
             print(f"[papo-mega] sft: {groups.layout.describe()}, {cfg.sft.steps} steps of "
                   f"{cfg.sft.global_batch_size} samples from {cfg.data.train_shards}", flush=True)
-        if cfg.algo.init_from:
-            chunks, _, model, vision = load_model_dir(cfg.algo.init_from, groups)
-            cfg = replace(cfg, model=model, vision=vision)  # the stored architecture wins
+        if cfg.algo.init_from:  # the stored architecture, settings and tokenizer; explicit keys win
+            cfg, chunks = init_from_model(cfg, cfg.algo.init_from, groups)
         else:
             chunks = build_model_chunks(cfg.model, cfg.vision, groups, cfg.train.seed)
         if not cfg.vision.enabled:
@@ -262,7 +261,7 @@ def run_sft(cfg: Config, *, overwrite: bool = False, allow_config_change: bool =
                            file=sys.stdout)
         bar.close()
         logger.close()
-        save_model_dir(chunks, out, cfg.model, cfg.vision, groups)
+        save_model_dir(chunks, out, cfg.model, cfg.vision, groups, cfg=cfg)
         if is_main:
             (out / LOG_NAME).write_text(json.dumps(log, indent=1))
             plot_run(run_dir)

@@ -11,9 +11,12 @@ from a checkpoint repeats exactly what the uninterrupted run would have done.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
+import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,14 +25,20 @@ import torch.distributed as dist
 
 from papo_mega.algo.advantage import dynamic_sampling_keep, grpo_advantages
 from papo_mega.algo.policy import attach_old_logprobs, compute_logprobs, papo_forward_backward
-from papo_mega.config import Config, save_config
+from papo_mega.config import Config, config_to_dict, save_config
 from papo_mega.data.image import BadImage
 from papo_mega.data.prepare import PreparedPrompt, prepare_prompt
 from papo_mega.data.prompts import PromptTooLong
 from papo_mega.data.shards import ShardStream
 from papo_mega.distributed.runtime import ParallelGroups
 from papo_mega.errors import PapoError
-from papo_mega.metrics import LOSS_ENTROPY, LOSS_KL_PRCP, LOSS_MASKED_ENTROPY, flatten_step_metrics
+from papo_mega.metrics import (
+    LOSS_ENTROPY,
+    LOSS_KL_PRCP,
+    LOSS_MASKED_ENTROPY,
+    decode_prompt,
+    flatten_step_metrics,
+)
 from papo_mega.reward import reward_summary, score_batch
 from papo_mega.rollout.assemble import assemble_policy_rows, longest_sequence
 from papo_mega.rollout.engine import MegatronEngine
@@ -59,10 +68,12 @@ def eval_due(cfg: Config, done: int) -> bool:
     return done in (0, cfg.train.steps) or bool(cfg.algo.eval_every and done % cfg.algo.eval_every == 0)
 
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-"""Signals that stop training cleanly: Slurm's warning before the time limit (`--signal=USR1@T`) and
-the TERM of preemption, scancel or torchrun's shutdown. The step in progress finishes, a checkpoint of
-it is written, and `papo-mega train` exits 0 without a final model; `--resume auto` continues."""
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+"""Signals that stop training cleanly: Slurm's warning before the time limit (`--signal=USR1@T`), the
+TERM of preemption, scancel or torchrun's shutdown, and Ctrl-C. The step in progress finishes, a
+checkpoint of it is written, and `papo-mega train` exits 0 without a final model; `--resume auto` continues."""
+URGENT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+"""After any stop signal, one of these ends the process at once (exit 128 + signal number)."""
 
 
 class StopRequest:
@@ -70,34 +81,68 @@ class StopRequest:
 
     Only some ranks may get the signal (Slurm signals tasks node by node; a user may `kill` one PID),
     so every step ends with a MAX all-reduce of the local flag over the world group: all ranks stop
-    after the same step. A repeated USR1 is ignored (a batch script forwarding the warning to srun
-    may double it); a TERM after any stop signal restores the previous handlers and re-raises, so a
-    run stuck in a collective, or out of time after the warning, still dies. `restore()` on exit."""
+    after the same step. The handler only sets a flag, so it cannot raise where an exception is
+    swallowed (a KeyboardInterrupt inside logging's at-fork handler once let a Ctrl-C'd run finish).
+    A repeated USR1 is ignored (a batch script forwarding the warning to srun may double it); a TERM
+    or INT after any stop signal ends the process at once. That is done by a watcher thread reading
+    the signal wakeup fd, not by the handler: Python runs handlers only between bytecodes of the main
+    thread, which never come while it waits in a collective (C++). `restore()` on exit."""
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict = {}
-        for sig in STOP_SIGNALS:
-            try:
+        self._wakeup: tuple[int, int] | None = None  # (fd set before us, our pipe's write end)
+        try:
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. run_train called from a worker thread)
-                break
+            self._watch()
+        except ValueError:  # not the main thread (e.g. run_train called from a worker thread)
+            self.restore()
 
     def _handle(self, signum, _frame) -> None:
-        if self.signum is not None and signum == signal.SIGTERM:
-            self.restore()
-            signal.raise_signal(signum)
         self.signum = self.signum or signum
+
+    def _watch(self) -> None:
+        read, write = os.pipe()
+        os.set_blocking(write, False)  # the C-level handler must never block on a full pipe
+        self._wakeup = (signal.set_wakeup_fd(write, warn_on_full_buffer=False), write)
+        threading.Thread(target=self._watcher, args=(read,), name="papo-stop-watch", daemon=True).start()
+
+    def _watcher(self, read: int) -> None:
+        """Counts stop signals as they arrive (even while the main thread is blocked in C)."""
+        first = None
+        with os.fdopen(read, "rb", buffering=0) as pipe:
+            while data := pipe.read(64):  # b"" once restore() closes the write end
+                for signum in data:
+                    if signum not in STOP_SIGNALS:
+                        continue
+                    if first is not None and signum in URGENT_SIGNALS:
+                        print(f"papo-mega: {signal.Signals(signum).name} after {signal.Signals(first).name}: "
+                              f"stopping now, without a checkpoint of the step in progress", file=sys.stderr,
+                              flush=True)
+                        os._exit(128 + signum)
+                    first = first or signum
 
     def agreed(self, device) -> bool:
         flag = torch.tensor([0.0 if self.signum is None else 1.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def raise_if_requested(self, doing: str) -> None:
+        """PapoError (exit 2) naming the signal when one came: for waits that may never end."""
+        if self.signum is not None:
+            raise PapoError(f"stopped by {signal.Signals(self.signum).name} while {doing}; nothing of this step "
+                            f"is saved, the last checkpoint is intact (rerun with --resume auto)")
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        if self._wakeup is not None:
+            previous, write = self._wakeup
+            self._wakeup = None
+            signal.set_wakeup_fd(previous)
+            os.close(write)
 
 
 def _timer():
@@ -108,9 +153,9 @@ def _timer():
 class PapoTrainer:
     """Owns the model replicas, optimizer, data stream and engine of one training run."""
 
-    def __init__(self, cfg: Config, groups: ParallelGroups):
+    def __init__(self, cfg: Config, groups: ParallelGroups, stop: StopRequest | None = None):
         from papo_mega.data.tokenizer import load_tokenizer
-        from papo_mega.model_dir import load_model_dir
+        from papo_mega.model_dir import init_from_model
         from papo_mega.models.qwen_vl import build_model_chunks
         from papo_mega.optim import attach_grad_finalisation, build_optimizer, build_scheduler, wrap_ddp
 
@@ -122,8 +167,10 @@ class PapoTrainer:
             raise PapoError(f"data.eval_shards={cfg.data.eval_shards} is not a shard directory; make one with "
                             f"tools/make_synthetic.py --split test, or set data.eval_shards='' for no evaluation")
         if cfg.algo.init_from:
-            chunks, _, model, vision = load_model_dir(cfg.algo.init_from, groups, precision=cfg.model.precision)
-            cfg.model, cfg.vision = model, vision
+            # The model directory's architecture, settings and tokenizer fill what the config leaves
+            # unset; in place, because run_train saves and checkpoints this same cfg object.
+            resolved, chunks = init_from_model(cfg, cfg.algo.init_from, groups)
+            vars(cfg).update(vars(resolved))
         else:
             chunks = build_model_chunks(cfg.model, cfg.vision, groups, seed=cfg.train.seed)
         use_distopt = cfg.parallel.use_distributed_optimizer
@@ -140,11 +187,15 @@ class PapoTrainer:
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model)
         self.engine = MegatronEngine(self.chunks, groups, cfg.model, cfg.vision.spatial_merge_size,
                                      [self.tokenizer.eos_id], self.tokenizer.pad_id, decode=self.tokenizer.decode)
+        self.stop = stop
+        # Checkpointed per rank; the stream adds its skip totals (samples_read / samples_skipped).
+        self.counters = {"skipped_updates": 0, "nonfinite_streak": 0}
         self.stream = ShardStream(cfg.data.train_shards, dp_rank=groups.dp_rank, dp_size=groups.layout.dp_size,
                                   seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                                  num_workers=cfg.data.num_workers, max_skip_fraction=cfg.data.max_skip_fraction)
+                                  num_workers=cfg.data.num_workers, max_skip_fraction=cfg.data.max_skip_fraction,
+                                  skip_totals=self.counters)
         self.samples = iter(self.stream)
-        self.counters = {"skipped_prompts": 0, "skipped_updates": 0, "nonfinite_streak": 0}
+        self.stage_seconds: defaultdict[str, float] = defaultdict(float)  # this step's time by stage
 
     def _build_reference(self):
         """The frozen reference policy at the same layout: the starting weights, never updated."""
@@ -153,7 +204,7 @@ class PapoTrainer:
 
         cfg = self.cfg
         if cfg.algo.init_from:
-            chunks = load_model_dir(cfg.algo.init_from, self.groups, precision=cfg.model.precision)[0]
+            chunks = load_model_dir(cfg.algo.init_from, self.groups, model=cfg.model, vision=cfg.vision)[0]
         else:  # layout-invariant init from the same seed = the policy's starting weights
             chunks = build_model_chunks(cfg.model, cfg.vision, self.groups, seed=cfg.train.seed)
         for chunk in chunks:
@@ -163,30 +214,43 @@ class PapoTrainer:
 
     # -- stages 1-2: stream prompts and prepare views -----------------------------------------
     def _next_prompts(self, count: int, step: int) -> list[PreparedPrompt]:
+        """`count` prepared prompts. An unusable sample counts against data.max_skip_fraction (a
+        PapoError past it), and a stop signal ends a search that keeps skipping: no endless loop."""
         views = ("masked",) if self.cfg.loss.needs_masked_view else ()
         out = []
         while len(out) < count:
+            clock = _timer()
             item = next(self.samples)
+            self.stage_seconds["stream"] += clock()
+            clock = _timer()
             try:
                 out.append(prepare_prompt(item, self.tokenizer, self.cfg.data, self.cfg.vision, self.cfg.train.seed,
                                           step, views=views))
-            except (PromptTooLong, BadImage):
-                self.counters["skipped_prompts"] += 1
+            except (PromptTooLong, BadImage) as err:
+                self.stream.reject(item, str(err))
+                if self.stop is not None:  # skipping: this step may never get its prompts
+                    self.stop.raise_if_requested(f"step {step + 1} was skipping unusable samples")
+            finally:
+                self.stage_seconds["prepare"] += clock()
         return out
 
     # -- stages 3-4: rollout and reward ----------------------------------------------------------
     def _rollout(self, prompts: list[PreparedPrompt], step: int, attempt: int) -> RolloutGroups:
         for chunk in self.chunks:
             chunk.eval()
+        clock = _timer()
         # attempt > 0 (DAPO re-sampling) must draw differently from attempt 0 of the same step.
         out = self.engine.generate([p.prompt for p in prompts], self.cfg.rollout, seed=self.cfg.train.seed + attempt,
                                    step=step)
+        self.stage_seconds["rollout"] += clock()  # += : DAPO rolls out several times per step
         for chunk in self.chunks:
             chunk.train()
+        clock = _timer()
         texts = [self.tokenizer.decode(out.response_ids[r, : int(out.lengths[r])].tolist())
                  for r in range(len(out.lengths))]
         truths = [prompts[int(g)].answer for g in out.prompt_index]
         results = score_batch(texts, truths, self.cfg.reward)
+        self.stage_seconds["reward"] += clock()
         as_tensor = lambda key: torch.tensor([getattr(r, key) for r in results], dtype=torch.float32)  # noqa: E731
         return RolloutGroups(prompts, out, as_tensor("reward"), as_tensor("accuracy"), as_tensor("format"),
                              reward_summary(results))
@@ -277,11 +341,16 @@ class PapoTrainer:
                 chunk.train()
 
     # -- one whole step -----------------------------------------------------------------------
-    def step(self, step: int) -> dict:
-        cfg, times = self.cfg, {}
-        clock = _timer()
+    def step(self, step: int, sample_rows: int = 0) -> dict:
+        """Run one step; its scalars under the standard tags (time/<stage>_s for each of TIME_STAGES
+        but checkpoint, which run_train adds). `sample_rows` > 0: keep that many decoded sample
+        generations of this rank in `self.last_samples` (metrics.SAMPLE_FIELDS)."""
+        cfg = self.cfg
+        whole = _timer()
+        self.stage_seconds.clear()  # stream / prepare / rollout / reward add up over DAPO's re-samples
         groups, dapo = self._gather_groups(step)
-        times["rollout_and_reward"] = clock()
+        times = {stage: self.stage_seconds[stage] for stage in ("stream", "prepare", "rollout", "reward")}
+        self.last_samples = self._sample_rows(groups, sample_rows)
         advantages = grpo_advantages(groups.rewards, cfg.rollout.n, cfg.algo.normalise_std)
         clock = _timer()
         batches = self._policy_batches(groups, advantages)
@@ -300,14 +369,27 @@ class PapoTrainer:
         dist.all_reduce(local, group=self.groups.dp)
         reward, accuracy, fmt, generated, truncated, rows = local.tolist()
         rows = max(rows, 1.0)
-        times["step"] = sum(times.values())
+        times["step"] = whole()
         return flatten_step_metrics(
             update, reward=reward / rows, accuracy=accuracy / rows, format_reward=fmt / rows,
             response_length=generated / rows, truncated_frac=truncated / rows,
             lr=self.optimizer.param_groups[0]["lr"], skipped_updates=self.counters["skipped_updates"],
-            tokens_per_s=generated / max(times["rollout_and_reward"], 1e-9), times=times,
-            extra={**dapo, "data/skipped_prompts": float(self.counters["skipped_prompts"])},
+            tokens_per_s=generated / max(times["step"], 1e-9), times=times,
+            extra={**dapo, "data/skipped_prompts": float(self.stream.skips.skipped),
+                   "data/skip_fraction": self.stream.skips.fraction},
         )
+
+    def _sample_rows(self, groups: RolloutGroups, count: int) -> list[dict]:
+        """The first response to each of the first `count` prompts, decoded, with its scores."""
+        n, rows = self.cfg.rollout.n, []
+        for g, prompt in enumerate(groups.prompts[:count]):
+            r = g * n  # rows [g*n, (g+1)*n) answer prompt g
+            response = groups.rollout.response_ids[r, : int(groups.rollout.lengths[r])].tolist()
+            rows.append({"key": prompt.key, "prompt": decode_prompt(self.tokenizer, prompt.prompt.input_ids.tolist()),
+                         "response": self.tokenizer.decode(response), "reward": float(groups.rewards[r]),
+                         "accuracy": float(groups.accuracy[r]), "format": float(groups.format[r]),
+                         "ground_truth": prompt.answer})
+        return rows
 
 
 def nonfinite_grad_flag(chunks, device) -> torch.Tensor:
@@ -362,7 +444,17 @@ def run_train(cfg: Config, *, overwrite: bool = False, allow_config_change: bool
     from papo_mega.config_diff import BENIGN_TRAIN
     from papo_mega.distributed import init_job, shutdown_distributed
     from papo_mega.evaluate import write_results
-    from papo_mega.metrics import CollapseDetector, MetricsLogger, ProgressBar, eval_tag
+    from papo_mega.metrics import (
+        SAMPLES_EVERY,
+        SAMPLES_PER_LOG,
+        CollapseDetector,
+        MetricsLogger,
+        ProgressBar,
+        config_banner,
+        eval_tag,
+        samples_due,
+        time_tag,
+    )
     from papo_mega.model_dir import save_model_dir
     from papo_mega.plots import plot_run
     from papo_mega.sanity import check_replicas
@@ -370,8 +462,9 @@ def run_train(cfg: Config, *, overwrite: bool = False, allow_config_change: bool
     groups = init_job(cfg)
     cfg.check_algorithm(groups.layout.dp_size)
     stop = StopRequest()
+    running = None  # the step in progress, for the resume hint if it fails
     try:
-        trainer = PapoTrainer(cfg, groups)
+        trainer = PapoTrainer(cfg, groups, stop)
         is_main = groups.rank == 0
         start = 0
         evidence, outputs = run_files(cfg.run.run_dir)
@@ -392,11 +485,17 @@ def run_train(cfg: Config, *, overwrite: bool = False, allow_config_change: bool
             save_config(cfg, cfg.run.run_dir)
             print(f"[papo-mega] train {cfg.algo.name}: {groups.layout.describe()}, backend {groups.backend}",
                   flush=True)
+        if is_main:
+            print(config_banner(cfg), flush=True)
+        # run.tracker / run.samples_every: read with defaults while config.py may not have them yet.
+        tracker, samples_every = getattr(cfg.run, "tracker", ""), getattr(cfg.run, "samples_every", SAMPLES_EVERY)
         # Steps are logged 1-based (after step k, k steps are done): the first line this process writes.
         # A fresh run logs its step-0 evaluation; a resumed one continues after its last step.
-        logger = MetricsLogger(cfg.run.run_dir, cfg.run.tensorboard, is_main, start_step=start + 1 if start else 0)
+        logger = MetricsLogger(cfg.run.run_dir, cfg.run.tensorboard, is_main, start_step=start + 1 if start else 0,
+                               tracker=tracker, config=config_to_dict(cfg), run_name=cfg.run.name)
         collapse = CollapseDetector(cfg.run.collapse_window)
-        bar = ProgressBar(cfg.train.steps, start, enabled=is_main)
+        bar = ProgressBar(cfg.train.steps, start, enabled=is_main, every=cfg.train.log_every)
+        wall = _timer()
         metrics: dict = {}
         stopping = False
 
@@ -418,7 +517,9 @@ def run_train(cfg: Config, *, overwrite: bool = False, allow_config_change: bool
         if start == 0 and eval_due(cfg, 0):
             logger.log(0, evaluate(0))
         for step in range(start, cfg.train.steps):
-            metrics = trainer.step(step)
+            running, iteration = step + 1, _timer()
+            want_samples = is_main and samples_due(step + 1, samples_every, cfg.train.steps)
+            metrics = trainer.step(step, sample_rows=SAMPLES_PER_LOG if want_samples else 0)
             done = step + 1
             if eval_due(cfg, done):
                 metrics.update(evaluate(done))
@@ -429,8 +530,10 @@ def run_train(cfg: Config, *, overwrite: bool = False, allow_config_change: bool
             if (cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0) or done == cfg.train.steps \
                     or stopping:
                 save(done)
-            metrics["time/checkpoint_s"] = clock()
+            metrics[time_tag("checkpoint")] = clock()
+            metrics[time_tag("step")] = iteration()  # the whole step: evaluation and checkpoint included
             logger.log(done, metrics)
+            logger.log_samples(done, trainer.last_samples)
             warning = collapse.update(done, metrics.get(LOSS_KL_PRCP), metrics.get(LOSS_ENTROPY),
                                       metrics.get(LOSS_MASKED_ENTROPY))
             if warning and is_main:
@@ -446,12 +549,45 @@ def run_train(cfg: Config, *, overwrite: bool = False, allow_config_change: bool
                 print(f"[papo-mega] stopped by {name} after step {done} of {cfg.train.steps}: checkpoint "
                       f"{latest_checkpoint(cfg.run.run_dir)}; rerun with --resume auto to continue", flush=True)
             return metrics
-        final = save_model_dir(trainer.chunks, Path(cfg.run.run_dir) / "final", cfg.model, cfg.vision, groups)
+        final = save_model_dir(trainer.chunks, Path(cfg.run.run_dir) / "final", cfg.model, cfg.vision, groups,
+                               cfg=cfg)
         if is_main:
-            plot_run(cfg.run.run_dir)
-            print(f"[papo-mega] done: model in {final}, latest checkpoint {latest_checkpoint(cfg.run.run_dir)}, "
-                  f"TensorBoard logs in {Path(cfg.run.run_dir) / 'tb'}", file=sys.stdout, flush=True)
+            plots = plot_run(cfg.run.run_dir)
+            print(_summary(cfg, start, wall(), metrics, final, plots), flush=True)
         return metrics
+    except BaseException:
+        if running is not None and groups.rank == 0:
+            print(_crash_hint(cfg.run.run_dir, running), file=sys.stderr, flush=True)
+        raise
     finally:
         stop.restore()
         shutdown_distributed()
+
+
+def _summary(cfg: Config, start: int, seconds: float, metrics: dict, final: Path, plots: list[Path]) -> str:
+    """The end-of-run report: what ran and where each output is (metrics.run_summary)."""
+    from papo_mega.checkpoint import latest_checkpoint
+    from papo_mega.metrics import METRICS_FILE, SAMPLES_FILE, TB_DIR, run_summary
+
+    run_dir = Path(cfg.run.run_dir)
+    samples = run_dir / SAMPLES_FILE
+    places = {"model": final, "checkpoint": latest_checkpoint(run_dir),
+              "TensorBoard": f"tensorboard --logdir {run_dir / TB_DIR}" if cfg.run.tensorboard else None,
+              "plots": plots[0].parent if plots else None, "metrics": run_dir / METRICS_FILE,
+              "samples": samples if samples.is_file() else None,
+              "wandb": run_dir / "wandb" if getattr(cfg.run, "tracker", "") == "wandb" else None}
+    return run_summary(start, cfg.train.steps, cfg.train.steps, seconds, metrics, places)
+
+
+def _crash_hint(run_dir: str, step: int) -> str:
+    """What to do after step `step` failed: resume from the newest checkpoint, which the message names."""
+    from papo_mega.checkpoint import latest_checkpoint
+
+    try:
+        latest = latest_checkpoint(run_dir)
+    except Exception as err:  # noqa: BLE001 - the hint must never hide the error being raised
+        latest = f"unknown ({err})"
+    if latest is None:
+        return f"[papo-mega] train failed at step {step} before its first checkpoint; a rerun starts from step 0"
+    return (f"[papo-mega] train failed at step {step}; the latest checkpoint is {latest}: "
+            f"rerun with --resume auto to continue")
