@@ -44,6 +44,8 @@ class DemoPlan:
     train_samples: int = 4000
     test_samples: int = 200
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    """Stages found done: their figures come from the previous summary (keep_measured)."""
 
 
 class PeakMemory:
@@ -104,6 +106,7 @@ def _timed(plan: DemoPlan, stage: str, skip: bool, work) -> None:
     if skip:
         print(f"[papo-mega] demo: {stage} already done, skipped", flush=True)
         plan.stage_seconds[stage] = 0.0
+        plan.skipped.append(stage)
         return
     start = time.perf_counter()
     work()
@@ -151,6 +154,28 @@ def summarise(cfg: Config, plan: DemoPlan, wall_s: float, peak_bytes: int) -> di
     }
 
 
+def keep_measured(summary: dict, previous: dict | None, skipped: list[str]) -> dict:
+    """A rerun skips finished stages in a second; its summary keeps the times the previous summary
+    measured for them (and that run's peak memory and wall time where it covered them), listing
+    them under "stages_from_earlier_run", so the measured figures are never replaced by zeros."""
+    old_stages = (previous or {}).get("stage_s") or {}
+    kept = [s for s in skipped if s in old_stages]
+    if not kept:
+        return summary
+    stage_s = {**summary["stage_s"], **{s: old_stages[s] for s in kept}}
+    return {**summary, "stage_s": stage_s, "stages_from_earlier_run": kept,
+            "wall_s": round(summary["wall_s"] + sum(old_stages[s] for s in kept), 1),
+            "peak_memory_gb": max(summary["peak_memory_gb"], previous.get("peak_memory_gb", 0.0))}
+
+
+def _previous_summary(path: Path) -> dict | None:
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or cut short: nothing to keep
+        return None
+    return previous if isinstance(previous, dict) else None
+
+
 def format_summary(summary: dict) -> str:
     b, a = summary["before_rl"], summary["after_rl"]
     names = {"original": "original image", "masked": "masked image", "blank": "blank image"}
@@ -162,7 +187,9 @@ def format_summary(summary: dict) -> str:
     reliance = summary["vision_reliance"]
     lines.append(f"  vision reliance (original - blank): {100 * reliance['before_rl']:+.1f} -> "
                  f"{100 * reliance['after_rl']:+.1f} points")
-    stages = ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_s"].items())
+    earlier = summary.get("stages_from_earlier_run") or []
+    stages = ", ".join(f"{k} {v:.0f} s{' (earlier run)' if k in earlier else ''}"
+                       for k, v in summary["stage_s"].items())
     lines.append(f"  wall time {summary['wall_s'] / 60:.1f} min ({stages}), peak memory "
                  f"{summary['peak_memory_gb']:.2f} GB (resident, all {summary['nproc']} ranks and helpers)")
     lines.append(f"  TensorBoard: tensorboard --logdir {summary['tensorboard']}   curves: {summary['plots']}/*.png")
@@ -195,6 +222,9 @@ def run_demo(plan: DemoPlan) -> dict:
         _timed(plan, "rl", _rl_done(cfg),
                lambda: _launch(plan, "train", [f"algo.init_from={sft_dir}", "checkpoint.resume=auto"]))
     summary = summarise(cfg, plan, time.perf_counter() - started, memory.peak_bytes)
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    summary = keep_measured(summary, _previous_summary(run_dir / SUMMARY_FILE), plan.skipped)
+    tmp = run_dir / f".{SUMMARY_FILE}.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, run_dir / SUMMARY_FILE)  # a kill while writing never loses the previous figures
     print("\n" + format_summary(summary), flush=True)
     return summary

@@ -43,10 +43,30 @@ def test_demo_runs_every_stage_then_resumes_without_redoing_them(tmp_path, capfd
     assert (run / "sft" / "sft_log.json").is_file() and (run / "final" / "papo_model.json").is_file()
     assert list((run / "tb").iterdir()) and list((run / "plots").glob("*.png"))
 
+    assert (run / "sft_run" / "metrics.jsonl").is_file() and list((run / "sft_run" / "checkpoints").glob("step_*"))
+
+    # The rerun skips every stage and keeps the measured figures (issue 16.13), marked as such.
     again = run_demo(_plan(tmp_path))
-    assert again["stage_s"] == {"shards": 0.0, "sft": 0.0, "rl": 0.0}
+    assert again["stage_s"] == summary["stage_s"]
+    assert again["stages_from_earlier_run"] == ["shards", "sft", "rl"]
+    assert again["peak_memory_gb"] >= summary["peak_memory_gb"]
+    assert again["wall_s"] >= sum(summary["stage_s"].values())
+    assert json.loads((run / SUMMARY_FILE).read_text()) == again
     assert again["before_rl"] == summary["before_rl"] and again["after_rl"] == summary["after_rl"]
-    assert "already done, skipped" in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert "already done, skipped" in out and "(earlier run)" in out
+
+
+def test_rerun_summary_keeps_only_the_skipped_stages_figures():
+    from papo_mega.demo import keep_measured
+
+    previous = {"stage_s": {"shards": 3.0, "sft": 61.0, "rl": 184.0}, "peak_memory_gb": 3.4, "wall_s": 250.0}
+    now = {"stage_s": {"shards": 0.0, "sft": 0.0, "rl": 20.0}, "peak_memory_gb": 1.0, "wall_s": 21.0}
+    merged = keep_measured(now, previous, ["shards", "sft"])
+    assert merged["stage_s"] == {"shards": 3.0, "sft": 61.0, "rl": 20.0}
+    assert merged["stages_from_earlier_run"] == ["shards", "sft"]
+    assert merged["peak_memory_gb"] == previous["peak_memory_gb"] and merged["wall_s"] == now["wall_s"] + 64.0
+    assert keep_measured(now, None, ["shards", "sft"]) == now  # nothing earlier to keep
 
 
 def test_demo_without_eval_shards_is_a_one_line_error(tmp_path):
