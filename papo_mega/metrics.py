@@ -21,6 +21,7 @@ and their meaning: docs/monitoring.md.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -220,7 +221,16 @@ def _as_float(name: str, value: Any) -> float:
 
 # --- logging -------------------------------------------------------------------------------------
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 TB_DIR = "tb"
+SAMPLES_TAG = "samples"
+"""TensorBoard text tag of the sample generations (TEXT tab)."""
+SAMPLE_FIELDS = ("key", "prompt", "response", "reward", "accuracy", "format", "ground_truth")
+"""What one logged sample generation holds (samples.jsonl adds `step`)."""
+SAMPLES_EVERY = 10
+"""Default of `run.samples_every`: log sample generations after step 1 and every this many steps."""
+SAMPLES_PER_LOG = 4
+"""Sample generations logged each time: the first response to each of the first prompts."""
 _RESERVED = ("step", "wall_time")
 
 
@@ -235,23 +245,29 @@ class _ClosedOnExit:
 
 
 class MetricsLogger(_ClosedOnExit):
-    """Scalars per step to RUN_DIR/tb (TensorBoard) and RUN_DIR/metrics.jsonl, from the main rank.
+    """Scalars per step to RUN_DIR/tb (TensorBoard) and RUN_DIR/metrics.jsonl, from the main rank;
+    sample generations (`log_samples`) to TensorBoard text and RUN_DIR/samples.jsonl.
 
-    `start_step`: the first step this process will log. When given, lines of metrics.jsonl with
-    step >= start_step are dropped (a resumed run has no duplicate steps; also a fresh run with
-    start_step 0 in an old run directory starts a clean file) and TensorBoard is told to purge
-    events from that step on (`purge_step`). None: append to whatever is there.
+    `start_step`: the first step this process will log. When given, lines of metrics.jsonl and
+    samples.jsonl with step >= start_step are dropped (a resumed run has no duplicate steps; also
+    a fresh run with start_step 0 in an old run directory starts clean files) and TensorBoard is
+    told to purge events from that step on (`purge_step`). None: append to whatever is there.
+    `tracker`: "" or "wandb", an experiment tracker that gets the same scalars and samples
+    (`open_tracker`; `config`, the resolved config as a dict, and `run_name` go to it).
     On other ranks (`is_main=False`) nothing is created or written.
     """
 
     def __init__(self, run_dir: str | os.PathLike, enabled_tensorboard: bool, is_main: bool,
-                 start_step: int | None = None, flush_secs: int = 30) -> None:
+                 start_step: int | None = None, flush_secs: int = 30, *, tracker: str = "",
+                 config: Mapping[str, Any] | None = None, run_name: str = "") -> None:
         self.run_dir = Path(run_dir)
         self.jsonl_path = self.run_dir / METRICS_FILE
+        self.samples_path = self.run_dir / SAMPLES_FILE
         self.tb_dir = self.run_dir / TB_DIR
         self.is_main = is_main
         self._file: TextIO | None = None
         self._writer = None
+        self._tracker = None
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -262,6 +278,7 @@ class MetricsLogger(_ClosedOnExit):
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(self.tb_dir), purge_step=start_step, flush_secs=flush_secs)
+        self._tracker = open_tracker(tracker, self.run_dir, run_name or self.run_dir.name, config)
 
     def log(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Write one step's scalars: a line of metrics.jsonl (non-finite as null) and TB scalars."""
@@ -269,9 +286,7 @@ class MetricsLogger(_ClosedOnExit):
             return
         if self._file is None:
             raise RuntimeError("MetricsLogger.log after close()")
-        if isinstance(step, bool) or int(step) != step:
-            raise TypeError(f"step must be an int, got {step!r}")
-        step = int(step)
+        step = _check_step(step)
         values = {}
         for tag, value in scalars.items():
             if not isinstance(tag, str) or not tag or tag in _RESERVED:
@@ -284,28 +299,34 @@ class MetricsLogger(_ClosedOnExit):
         if self._writer is not None:
             for tag, value in values.items():
                 self._writer.add_scalar(tag, value, step)
+        if self._tracker is not None:
+            self._tracker.log(step, values)
+
+    def log_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Sample generations of a step (dicts with SAMPLE_FIELDS): one line each in samples.jsonl,
+        one TensorBoard text entry (tag `samples`) and the tracker's table."""
+        if not self.is_main or not rows:
+            return
+        step = _check_step(step)
+        rows = [{"step": step, **{k: row.get(k) for k in SAMPLE_FIELDS}} for row in rows]
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, allow_nan=False, default=str) + "\n" for row in rows)
+        if self._writer is not None:
+            self._writer.add_text(SAMPLES_TAG, samples_markdown(rows), step)
+        if self._tracker is not None:
+            self._tracker.log_samples(step, rows)
 
     def truncate_after(self, step: int) -> int:
-        """Keep the lines of metrics.jsonl with step <= `step` (and drop unreadable ones, such as a
-        line cut short by a crash); return how many lines were dropped. To resume at step s call
-        truncate_after(s - 1), or pass start_step=s to the constructor."""
-        if not self.is_main or not self.jsonl_path.exists():
+        """Keep the lines of metrics.jsonl and samples.jsonl with step <= `step` (and drop unreadable
+        ones, such as a line cut short by a crash); return how many lines of metrics.jsonl were
+        dropped. To resume at step s call truncate_after(s - 1), or pass start_step=s to the constructor."""
+        if not self.is_main:
             return 0
         reopen = self._file is not None
         if reopen:
             self._file.close()
-        kept, dropped = [], 0
-        with open(self.jsonl_path, encoding="utf-8") as f:
-            for line in f:
-                record = _parse_line(line)
-                if record is not None and record["step"] <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-                elif line.strip():
-                    dropped += 1
-        if dropped:
-            tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, self.jsonl_path)
+        dropped = _truncate_jsonl(self.jsonl_path, step)
+        _truncate_jsonl(self.samples_path, step)
         if reopen:
             self._file = open(self.jsonl_path, "a", encoding="utf-8")
         return dropped
@@ -323,6 +344,34 @@ class MetricsLogger(_ClosedOnExit):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or int(step) != step:
+        raise TypeError(f"step must be an int, got {step!r}")
+    return int(step)
+
+
+def _truncate_jsonl(path: Path, step: int) -> int:
+    """Drop the lines of a per-step JSONL file with step > `step` (and unreadable ones); atomic."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = _parse_line(line)
+            if record is not None and record["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            elif line.strip():
+                dropped += 1
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
 
 
 def _parse_line(line: str) -> dict | None:
@@ -333,6 +382,108 @@ def _parse_line(line: str) -> dict | None:
     if not isinstance(record, dict) or not isinstance(record.get("step"), int):
         return None
     return record
+
+
+# --- sample generations --------------------------------------------------------------------------
+def samples_due(done: int, every: int, total: int) -> bool:
+    """Whether to log sample generations after `done` steps: after the first (what the model says
+    before training moved it much), every `every` and after the last; never when every is 0."""
+    return every > 0 and (done == 1 or done % every == 0 or done == total)
+
+
+def decode_prompt(tokenizer, ids: Sequence[int]) -> str:
+    """A prompt's text with each run of image / video placeholders written once with its length,
+    `<|image_pad|>x64`: the run holds one token per merged patch and would bury the question."""
+    pads = {tokenizer.image_token_id, tokenizer.video_token_id}
+    parts = []
+    for pad, run in itertools.groupby((int(i) for i in ids), key=lambda i: i if i in pads else None):
+        run = list(run)
+        parts.append(tokenizer.decode(run) if pad is None else f"{tokenizer.decode([pad])}x{len(run)}")
+    return "".join(parts)
+
+
+def samples_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Sample generations as TensorBoard's markdown: a heading line per row, prompt and response as
+    code blocks (verbatim: markup in a response must not render)."""
+
+    def block(text: Any) -> str:
+        return "```\n" + str(text).replace("```", "` ` `") + "\n```"
+
+    def number(value: Any) -> str:
+        return "-" if value is None else f"{float(value):.3g}"
+
+    parts = []
+    for i, row in enumerate(rows, 1):
+        parts.append(f"**{i}. {row.get('key') or ''}** reward {number(row.get('reward'))}, accuracy "
+                     f"{number(row.get('accuracy'))}, format {number(row.get('format'))}, ground truth "
+                     f"`{row.get('ground_truth')}`")
+        parts += ["prompt:", block(row.get("prompt")), "response:", block(row.get("response"))]
+    return "\n\n".join(parts)
+
+
+def read_samples(run_dir: str | os.PathLike) -> list[dict]:
+    """RUN_DIR/samples.jsonl as a list of rows (each with `step`); [] when none were logged."""
+    path = Path(run_dir) / SAMPLES_FILE
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [r for r in map(_parse_line, f) if r is not None]
+
+
+# --- experiment trackers beside TensorBoard ------------------------------------------------------
+TRACKERS = ("", "wandb")
+"""`run.tracker` choices: "" (TensorBoard and metrics.jsonl only) or "wandb"."""
+WANDB_ID_FILE = "wandb_run_id"
+"""RUN_DIR file holding the wandb run id, so that a resumed run continues the same wandb run."""
+
+
+def open_tracker(name: str, run_dir: Path, run_name: str, config: Mapping[str, Any] | None):
+    """The tracker `name` names (None for ""), started; a PapoError names a missing package."""
+    if name not in TRACKERS:
+        raise PapoError(f"run.tracker={name!r} is not one of {', '.join(map(repr, TRACKERS))}")
+    if name == "wandb":
+        return WandbTracker(run_dir, run_name, config)
+    return None
+
+
+class WandbTracker:
+    """Weights & Biases: the scalars, the resolved config and a `samples` table per logged step.
+
+    The project comes from WANDB_PROJECT (default papo_mega), files go under RUN_DIR/wandb, and
+    WANDB_MODE=offline writes there without a network (`wandb sync RUN_DIR/wandb/offline-run-*`
+    uploads later). A resumed run continues the same wandb run (its id is kept in
+    RUN_DIR/wandb_run_id); steps it logs again after a crash are ones wandb already has, which
+    wandb ignores, so its curves keep the first values of those steps."""
+
+    def __init__(self, run_dir: Path, run_name: str, config: Mapping[str, Any] | None) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise PapoError("run.tracker=wandb needs the wandb package: pip install 'papo_mega[tracking]' "
+                            "(or set run.tracker='')") from None
+        self._wandb = wandb
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "papo_mega"), name=run_name, id=run_id,
+                                  resume="allow", dir=str(run_dir), config=dict(config or {}),
+                                  settings=wandb.Settings(console="off"))  # our stdout stays ours
+        except Exception as err:  # noqa: BLE001 - wandb raises many types (no login, no network, ...)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise PapoError(f"wandb.init failed ({first}); run `wandb login`, or set WANDB_MODE=offline to "
+                            f"write under {run_dir}/wandb and `wandb sync` later") from None
+        id_file.write_text(run_id)
+
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        self.run.log(dict(values), step=step)
+
+    def log_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
+        table = self._wandb.Table(columns=list(SAMPLE_FIELDS), data=[[row[k] for k in SAMPLE_FIELDS] for row in rows])
+        self.run.log({SAMPLES_TAG: table}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+        self._wandb.teardown()  # ends wandb's service process too (else it outlives the run until exit)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
@@ -437,8 +588,9 @@ _POSTFIX = ((REWARD_MEAN, "reward"), (REWARD_ACCURACY, "acc"), (LOSS_KL_PRCP, "k
 
 class ProgressBar(_ClosedOnExit):
     """A tqdm bar over the training steps whose postfix shows reward, acc, kl_prcp, entropy and
-    s/step. When `file` (default stderr) is not a terminal - CI logs, Slurm output - it prints a
-    plain line every `every` steps and at the last step instead. `enabled=False` (non-main ranks):
+    s/step, refreshed every `every` steps (train.log_every) and at the last. When `file` (default
+    stderr) is not a terminal - CI logs, Slurm output - it prints a plain line every `every` steps
+    and at the last step instead. `enabled=False` (non-main ranks):
     nothing is shown. Call `update(scalars)` once per finished step."""
 
     def __init__(self, total_steps: int, start_step: int = 0, enabled: bool = True, *, every: int = 1,
@@ -480,11 +632,13 @@ class ProgressBar(_ClosedOnExit):
         self.n += n
         if not self.enabled:
             return
+        due = self.n % self.every == 0 or self.n >= self.total  # train.log_every
         postfix = self._postfix(scalars or {})
         if self._bar is not None:
-            self._bar.set_postfix_str(postfix, refresh=False)
+            if due:
+                self._bar.set_postfix_str(postfix, refresh=False)
             self._bar.update(n)
-        elif self.n % self.every == 0 or self.n >= self.total:
+        elif due:
             eta = ""
             if self.seconds_per_step is not None and self.n < self.total:
                 eta = f"  eta {_duration(self.seconds_per_step * (self.total - self.n))}"
@@ -510,3 +664,45 @@ def _duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# --- what a run prints at its start and end ------------------------------------------------------
+def config_banner(cfg) -> str:
+    """The resolved config as the lines that differ from the defaults, one line per section
+    (`  train: lr=0.001 steps=8`); the whole of it is RUN_DIR/config.yaml."""
+    from papo_mega.config import Config, config_to_dict
+    from papo_mega.config_diff import config_diff
+
+    sections: dict[str, list[str]] = defaultdict(list)
+    for key, _, value in config_diff(config_to_dict(Config()), config_to_dict(cfg)):
+        section, _, name = key.rpartition(".")
+        sections[section].append(f"{name}={_compact(value)}" if section else f"{name}: {_compact(value)}")
+    lines = [f"  {section}: {' '.join(items)}" if section else f"  {items[0]}" for section, items in sections.items()]
+    return "\n".join([f"[papo-mega] config (what differs from the defaults; all of it in "
+                      f"{Path(cfg.run.run_dir) / 'config.yaml'}):", *(lines or ["  (all defaults)"])])
+
+
+def _compact(value: Any) -> str:
+    text = json.dumps(value, default=str, separators=(",", ":")) if not isinstance(value, str) else value
+    return text if text and " " not in text else json.dumps(text)
+
+
+def run_summary(first_step: int, done: int, total: int, seconds: float, metrics: Mapping[str, Any],
+                places: Mapping[str, Any]) -> str:
+    """The end-of-run report: steps run and their time, the last step's reward and accuracy, the
+    last evaluation in `metrics` (eval/<view>_accuracy), then where each output is (`places`:
+    label -> path; None entries are left out)."""
+    ran = done - first_step
+    head = f"[papo-mega] done: {total} steps"
+    if ran > 0:
+        head += f" (steps {first_step + 1}-{done} here, {_duration(seconds)}, {seconds / ran:.3g} s/step)"
+    last = [f"{label} {float(metrics[tag]):.3f}" for tag, label in ((REWARD_MEAN, "reward"),
+                                                                     (REWARD_ACCURACY, "accuracy")) if tag in metrics]
+    evals = [f"{view} {float(metrics[eval_tag(view)]):.3f}" for view in EVAL_VIEWS if eval_tag(view) in metrics]
+    if last:
+        head += f"; step {done}: " + ", ".join(last)
+    if evals:
+        head += "; eval: " + ", ".join(evals)
+    width = max(map(len, places), default=0)
+    return "\n".join([head, *(f"[papo-mega]   {label:<{width}}  {place}" for label, place in places.items()
+                              if place is not None)])

@@ -115,21 +115,26 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         raise PapoError(f"{Path(run_dir) / METRICS_FILE} holds no steps yet; plot again after the first step")
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / PLOTS_DIR
     out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, title, tags in figure_layout(series):
+        path = out / f"{name}.png"
+        _figure(f"{title} - {Path(run_dir).name}", [(t, series[t]) for t in tags], path)
+        paths.append(path)
+    return paths
+
+
+def figure_layout(series: dict[str, list]) -> list[tuple[str, str, list[str]]]:
+    """[(file stem, title, panel tags)] of the figures plot_run draws for `series`: a panel only
+    for a tag the run logged (so no figure has an empty panel), every logged tag in its group's
+    figure, collapse.png's signals when the run has KL_prcp."""
     groups: dict[str, list[str]] = defaultdict(list)
     for tag in series:
         groups[tag.split("/", 1)[0] if "/" in tag else "other"].append(tag)
     order = [g for g in _GROUP_ORDER if g in groups] + sorted(g for g in groups if g not in _GROUP_ORDER)
-    paths = []
-    for group in order:
-        path = out / f"{_safe_name(group)}.png"
-        _figure(f"{group} - {Path(run_dir).name}", [(t, series[t]) for t in sorted(groups[group], key=_tag_key)], path)
-        paths.append(path)
-    signals = [t for t in COLLAPSE_SIGNALS if t in series]
+    layout = [(_safe_name(g), g, sorted(groups[g], key=_tag_key)) for g in order]
     if LOSS_KL_PRCP in series:
-        path = out / "collapse.png"
-        _figure(f"collapse signals - {Path(run_dir).name}", [(t, series[t]) for t in signals], path)
-        paths.append(path)
-    return paths
+        layout.append(("collapse", "collapse signals", [t for t in COLLAPSE_SIGNALS if t in series]))
+    return layout
 
 
 def _tag_key(tag: str) -> tuple[int, str]:
