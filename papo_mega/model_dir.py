@@ -321,13 +321,19 @@ def save_model_dir(chunks, out_dir: str | Path, model, vision, groups, cfg=None)
         tmp.mkdir(parents=True)
     dist.barrier()
     save_model(chunks, tmp / "model")
+    error: list = [None]
     if dist.get_rank() == 0:
-        settings = tokenizer = None
-        if cfg is not None:
-            settings = _settings_of(cfg)
-            tokenizer = store_tokenizer(cfg.data.tokenizer, model, tmp / TOKENIZER_DIR)
-        write_metadata(tmp, hf_config_dict(model, vision), model, vision, precision_dtype(model.precision),
-                       settings=settings, tokenizer=tokenizer and f"{TOKENIZER_DIR}/{tokenizer}")
-        _publish(tmp, out)
-    dist.barrier()
+        try:
+            settings = tokenizer = None
+            if cfg is not None:
+                settings = _settings_of(cfg)
+                tokenizer = store_tokenizer(cfg.data.tokenizer, model, tmp / TOKENIZER_DIR)
+            write_metadata(tmp, hf_config_dict(model, vision), model, vision, precision_dtype(model.precision),
+                           settings=settings, tokenizer=tokenizer and f"{TOKENIZER_DIR}/{tokenizer}")
+            _publish(tmp, out)
+        except (OSError, PapoError) as err:  # every rank must learn it, not wait for rank 0
+            error[0] = f"could not write the model directory {out}: {err}"
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise PapoError(error[0])
     return out
