@@ -1,17 +1,22 @@
-"""Training metrics: TensorBoard + metrics.jsonl, the collapse warning, the progress bar (PNG curves: plots.py).
+"""Training metrics: TensorBoard + metrics.jsonl (+ wandb), sample generations, the collapse warning,
+the progress bar, what a run prints at its start and end (PNG curves: plots.py).
 
-    logger = MetricsLogger(cfg.run.run_dir, cfg.run.tensorboard, is_main, start_step=first_step)
+    print(config_banner(cfg))
+    logger = MetricsLogger(cfg.run.run_dir, cfg.run.tensorboard, is_main, start_step=first_step, tracker="")
     detector = CollapseDetector(cfg.run.collapse_window)
-    bar = ProgressBar(cfg.train.steps, start_step=done_steps, enabled=is_main)
+    bar = ProgressBar(cfg.train.steps, start_step=done_steps, enabled=is_main, every=cfg.train.log_every)
     for step in ...:
         scalars = flatten_step_metrics(update_metrics, reward=..., accuracy=..., times={...})
         logger.log(step, scalars)
+        if samples_due(step, every, total):
+            logger.log_samples(step, rows)  # dicts with SAMPLE_FIELDS
         warning = detector.update(step, scalars.get(LOSS_KL_PRCP), scalars.get(LOSS_ENTROPY),
                                   scalars.get(LOSS_MASKED_ENTROPY))
         if warning:
             bar.write(warning)
         bar.update(scalars)
     logger.close(); bar.close()
+    print(run_summary(first, done, total, seconds, scalars, {"model": ..., ...}))
 
 `RUN_DIR/metrics.jsonl` (one JSON object per `log` call: `step`, `wall_time` and the tags; non-finite
 values as null) is the source of truth for `plots.plot_run` and the tests; `RUN_DIR/tb` holds the same
