@@ -670,16 +670,16 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler, gro
         fmt = meta["optimizer"]["format"] if kind == "distributed" else DISTOPT_FORMAT
         sharded["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=optimizer_metadata(kind, fmt))
-    # The model matches (checked above), so a failing read means damaged files, not a wrong
-    # optimizer setting: name the earlier checkpoint to resume from instead.
-    fix = _damaged_fix(path)
+    hint = " or pass checkpoint.load_optimizer=false" if restore_optimizer else ""
     try:
-        loaded = load_sharded(sharded, path, fix=fix)
+        loaded = load_sharded(sharded, path, fix=f"check the checkpoint matches this model{hint}")
     except PapoError:
         raise
     except (Exception, _checkpoint_exception()) as err:  # noqa: BLE001 - megatron's reasons are many
+        # The model signature matched (checked above), so a failing read means damaged files, not a
+        # wrong optimizer setting: name the earlier checkpoint to resume from instead.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PapoError(f"could not load {path} ({type(err).__name__}: {first[:300]}); {fix}") from None
+        raise PapoError(f"could not load {path} ({type(err).__name__}: {first[:300]}); {_damaged_fix(path)}") from None
     load_chunk_states(chunks, loaded["model"])
     if restore_optimizer:
         # megatron 0.16's dp_reshardable load copies into views of the (fp32) weights; outside
@@ -699,7 +699,7 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler, gro
             payload = torch.load(rank_file, map_location="cpu", weights_only=False)
         except Exception as err:  # noqa: BLE001 - OSError / unpickling error of a cut file
             raise PapoError(f"could not read {rank_file} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                            f"{fix}") from None
+                            f"{_damaged_fix(path)}") from None
         rank_state = payload["user"]
         restore_rng_states(payload["rng"], tracker=how == "own")
     if how != "own" and dist.get_rank() == 0:

@@ -36,9 +36,17 @@ def train_job(overrides: list[str], kwargs: dict) -> dict:
     return {"error": None}
 
 
-def _run(root: Path, run_dir: Path, *extra: str, nproc: int = 1, **kwargs) -> list[dict]:
+def unchecked_train_job(overrides: list[str], kwargs: dict) -> dict:
+    """train_job with the pre-load check switched off: damage it cannot see reaches the load."""
+    from papo_mega import checkpoint
+
+    checkpoint.checkpoint_problem = lambda path: None
+    return train_job(overrides, kwargs)
+
+
+def _run(root: Path, run_dir: Path, *extra: str, nproc: int = 1, job=train_job, **kwargs) -> list[dict]:
     overrides = [*recipe(root), f"train.steps={STEPS}", "checkpoint.save_every=1", f"run.run_dir={run_dir}", *extra]
-    return run_distributed(train_job, nproc, args=(overrides, kwargs), timeout_s=300)
+    return run_distributed(job, nproc, args=(overrides, kwargs), timeout_s=300)
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +149,14 @@ def test_resume_auto_past_a_truncated_shard_finishes_the_run(shards, finished, t
     steps = [json.loads(line)["step"] for line in _metrics(run_dir).splitlines()]
     assert steps == list(range(1, STEPS + 1))
     assert newest_intact_checkpoint(run_dir) == run_dir / CHECKPOINTS / "step_00000002"  # re-saved intact
+
+
+@pytest.mark.parametrize("what", ["shard", "rank_state"])
+def test_a_failing_load_names_the_earlier_intact_checkpoint(shards, finished, tmp_path, what):  # noqa: F811
+    run_dir = _copy(finished, tmp_path)
+    latest = run_dir / CHECKPOINTS / "step_00000002"
+    _damage(latest, what)
+    (out,) = _run(shards, run_dir, f"checkpoint.resume={latest}", job=unchecked_train_job)
+    error = out["error"]
+    assert error and "\n" not in error and f"checkpoint.resume={run_dir / CHECKPOINTS / 'step_00000001'}" in error
+    assert "load_optimizer" not in error and (what != "rank_state" or "rank_00000.pt" in error)
