@@ -84,6 +84,7 @@ def evaluate(engine, tokenizer, cfg: Config, groups: ParallelGroups, shards: str
                                                views=tuple(v for v in views if v != "original")))
             except (PromptTooLong, BadImage) as err:
                 skipped[type(err).__name__] += 1
+                stream.reject(item, str(err))  # data.max_skip_fraction, as in training
         seen += len(items)
         bar.update(len(items))
         if not prepared:

@@ -110,18 +110,18 @@ class StopRequest:
 
     def _watcher(self, read: int) -> None:
         """Counts stop signals as they arrive (even while the main thread is blocked in C)."""
-        first = None
+        seen: list[int] = []
         with os.fdopen(read, "rb", buffering=0) as pipe:
             while data := pipe.read(64):  # b"" once restore() closes the write end
-                for signum in data:
-                    if signum not in STOP_SIGNALS:
-                        continue
-                    if first is not None and signum in URGENT_SIGNALS:
-                        print(f"papo-mega: {signal.Signals(signum).name} after {signal.Signals(first).name}: "
-                              f"stopping now, without a checkpoint of the step in progress", file=sys.stderr,
-                              flush=True)
-                        os._exit(128 + signum)
-                    first = first or signum
+                seen += [signum for signum in data if signum in STOP_SIGNALS]
+                # Not "the second one is urgent": a handler interrupted by the next signal writes its
+                # byte after that one's, so two signals sent together can arrive in either order.
+                urgent = [signum for signum in seen if signum in URGENT_SIGNALS]
+                if len(seen) >= 2 and urgent:
+                    names = " and ".join(signal.Signals(signum).name for signum in seen[:2])
+                    print(f"papo-mega: {names}: stopping now, without a checkpoint of the step in progress",
+                          file=sys.stderr, flush=True)
+                    os._exit(128 + urgent[-1])
 
     def agreed(self, device) -> bool:
         flag = torch.tensor([0.0 if self.signum is None else 1.0], device=device)
@@ -445,7 +445,6 @@ def run_train(cfg: Config, *, overwrite: bool = False, allow_config_change: bool
     from papo_mega.distributed import init_job, shutdown_distributed
     from papo_mega.evaluate import write_results
     from papo_mega.metrics import (
-        SAMPLES_EVERY,
         SAMPLES_PER_LOG,
         CollapseDetector,
         MetricsLogger,
@@ -487,8 +486,7 @@ def run_train(cfg: Config, *, overwrite: bool = False, allow_config_change: bool
                   flush=True)
         if is_main:
             print(config_banner(cfg), flush=True)
-        # run.tracker / run.samples_every: read with defaults while config.py may not have them yet.
-        tracker, samples_every = getattr(cfg.run, "tracker", ""), getattr(cfg.run, "samples_every", SAMPLES_EVERY)
+        tracker, samples_every = cfg.run.tracker, cfg.run.samples_every
         # Steps are logged 1-based (after step k, k steps are done): the first line this process writes.
         # A fresh run logs its step-0 evaluation; a resumed one continues after its last step.
         logger = MetricsLogger(cfg.run.run_dir, cfg.run.tensorboard, is_main, start_step=start + 1 if start else 0,
@@ -575,7 +573,7 @@ def _summary(cfg: Config, start: int, seconds: float, metrics: dict, final: Path
               "TensorBoard": f"tensorboard --logdir {run_dir / TB_DIR}" if cfg.run.tensorboard else None,
               "plots": plots[0].parent if plots else None, "metrics": run_dir / METRICS_FILE,
               "samples": samples if samples.is_file() else None,
-              "wandb": run_dir / "wandb" if getattr(cfg.run, "tracker", "") == "wandb" else None}
+              "wandb": run_dir / "wandb" if cfg.run.tracker == "wandb" else None}
     return run_summary(start, cfg.train.steps, cfg.train.steps, seconds, metrics, places)
 
 
