@@ -300,6 +300,8 @@ class RewardConfig:
 
 
 ALGORITHMS = ("grpo", "papo_g", "dapo", "papo_d")
+TRACKERS = ("", "wandb")
+"""`run.tracker` choices (metrics.open_tracker builds them)."""
 
 
 @dataclass
@@ -365,6 +367,14 @@ class RunConfig:
     name: str = _f("default", "Run name shown in logs.")
     tensorboard: bool = _f(True, "Write TensorBoard event files under RUN_DIR/tb (from one rank).")
     collapse_window: int = _f(5, "Warn of collapse when KL_prcp and both entropies rose for this many steps in a row.")
+    samples_every: int = _f(10, "Log sample generations (prompt, response, reward) after step 1, every this many steps and after the last; 0: never.")
+    tracker: str = _f("", "Also log to this experiment tracker beside TensorBoard: '' (none) | wandb (pip install papo_mega[tracking]).")
+
+    def __post_init__(self) -> None:
+        if self.samples_every < 0 or self.collapse_window < 1:
+            raise ConfigError("run.samples_every must be >= 0 and run.collapse_window >= 1")
+        if self.tracker not in TRACKERS:
+            raise ConfigError(f"run.tracker={self.tracker!r} is not one of {' | '.join(map(repr, TRACKERS))}")
 
 
 @dataclass

@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self, TextIO
 
+from papo_mega.config import TRACKERS
 from papo_mega.errors import PapoError
 
 
@@ -232,8 +233,6 @@ SAMPLES_TAG = "samples"
 """TensorBoard text tag of the sample generations (TEXT tab)."""
 SAMPLE_FIELDS = ("key", "prompt", "response", "reward", "accuracy", "format", "ground_truth")
 """What one logged sample generation holds (samples.jsonl adds `step`)."""
-SAMPLES_EVERY = 10
-"""Default of `run.samples_every`: log sample generations after step 1 and every this many steps."""
 SAMPLES_PER_LOG = 4
 """Sample generations logged each time: the first response to each of the first prompts."""
 _RESERVED = ("step", "wall_time")
@@ -436,8 +435,6 @@ def read_samples(run_dir: str | os.PathLike) -> list[dict]:
 
 
 # --- experiment trackers beside TensorBoard ------------------------------------------------------
-TRACKERS = ("", "wandb")
-"""`run.tracker` choices: "" (TensorBoard and metrics.jsonl only) or "wandb"."""
 WANDB_ID_FILE = "wandb_run_id"
 """RUN_DIR file holding the wandb run id, so that a resumed run continues the same wandb run."""
 

@@ -193,3 +193,11 @@ def test_explicit_keys_are_the_recipe_and_overrides_not_defaults(tmp_path):
     assert {"train.lr", "rollout.n", "preset"} <= keys
     assert "rollout.max_new_tokens" not in keys and "model.hidden_size" not in keys  # default / preset fill
     assert explicit_keys(load_config(None)) == frozenset()
+
+
+def test_run_tracker_and_samples_every_are_checked_where_the_config_is_read():
+    with pytest.raises(ConfigError, match="run.tracker='wandbb' is not one of"):
+        load_config(None, ["run.tracker=wandbb"])
+    with pytest.raises(ConfigError, match="run.samples_every must be >= 0"):
+        load_config(None, ["run.samples_every=-1"])
+    assert load_config(None, ["run.tracker=wandb"]).run.tracker == "wandb"
