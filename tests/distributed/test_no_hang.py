@@ -59,7 +59,8 @@ def test_kill_9_of_a_dp2_train_leaves_no_process(shards, tmp_path, target):  # n
     run_dir = tmp_path / "run"
     args = [str(shards / "recipe.yaml"), *recipe(shards), "train.steps=50", "checkpoint.save_every=1",
             f"run.run_dir={run_dir}"]
-    proc = subprocess.Popen(torchrun(args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    log = tmp_path / "train.log"
+    proc = subprocess.Popen(torchrun(args), env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     seen: dict[int, psutil.Process] = {}
     deadline = time.time() + 400
@@ -67,7 +68,7 @@ def test_kill_9_of_a_dp2_train_leaves_no_process(shards, tmp_path, target):  # n
     while 2 not in steps_logged(run_dir) and time.time() < deadline and proc.poll() is None:
         seen.update({p.pid: p for p in _family(proc)})
         time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it was killed"
+    assert proc.poll() is None, f"the run ended before it was killed: {log.read_text()[-3000:]}"
     family = _family(proc)
     seen.update({p.pid: p for p in family})
     for member in family if target == "every_process" else family[:1]:

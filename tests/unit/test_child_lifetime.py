@@ -26,8 +26,9 @@ import threading, time
 from papo_mega.reward._pool import VerifyPool
 pool = VerifyPool(num_workers=1)
 threading.Thread(target=pool.check, args=("1", "1", 600.0), kwargs={"_sleep_s": 600.0}, daemon=True).start()
-while not pool._live:
+while not (pool._live and next(iter(pool._live)).ready):
     time.sleep(0.05)
+time.sleep(1)  # the check's request follows "ready" at once: the worker is asleep in it, not idle
 print(next(iter(pool._live)).proc.pid, flush=True)
 time.sleep(600)
 """
