@@ -10,7 +10,9 @@ derived analytically from the config (`expected_rank_shapes`); the recipe's cros
 (`Config.check`, `Config.check_algorithm`) and its paths are validated. The first stage (vision
 tower, embedding) and the last stage (output layer) differ, so both are built as well.
 
-A problem raises `PapoError` (the CLI prints one line, exits 2); success returns a `DryRunReport`.
+A problem raises `PapoError` (the CLI prints one line, exits 2); success returns a `DryRunReport`,
+which lists the inputs (shards, model directory, tokenizer) that do not exist yet, all of them,
+with how to create each: checking a recipe does not need its data or model.
 """
 
 from __future__ import annotations
@@ -125,49 +127,73 @@ def build_rank_shapes(cfg: Config, rank: int, world_size: int) -> tuple[int, lis
 # --- Paths and the report -------------------------------------------------------------------------------
 
 
-def check_paths(cfg: Config) -> list[str]:
-    """Validate the paths a run reads and writes; raise PapoError naming the first bad one."""
-    from papo_mega.data.shard_writer import MANIFEST
+@dataclass
+class PathReport:
+    """The dry run's view of a recipe's paths: what was checked, and inputs that do not exist yet.
 
-    checked = []
-    shards = Path(cfg.data.train_shards) if cfg.data.train_shards else None
-    if shards is None:
-        raise ConfigError("data.train_shards is empty; set it to a shard directory (tools/make_shards.py output)")
-    if not shards.is_dir():
-        raise ConfigError(f"data.train_shards={shards} does not exist; write shards with tools/make_shards.py "
-                          f"or point data.train_shards at them")
-    if not (shards / MANIFEST).is_file():
-        raise ConfigError(f"data.train_shards={shards} has no {MANIFEST}, so it is not a shard directory; "
-                          f"write shards with tools/make_shards.py")
-    checked.append(f"data.train_shards {shards}")
-    if cfg.data.eval_shards:
-        if not (Path(cfg.data.eval_shards) / MANIFEST).is_file():
-            raise ConfigError(f"data.eval_shards={cfg.data.eval_shards} is not a shard directory (no {MANIFEST}); "
-                              f"fix the path or set data.eval_shards=''")
-        checked.append(f"data.eval_shards {cfg.data.eval_shards}")
-    if cfg.algo.init_from:
-        init = Path(cfg.algo.init_from)
-        if not init.is_dir():
-            raise ConfigError(f"algo.init_from={init} does not exist; convert the model with "
-                              f"tools/convert_hf_to_mcore.py or set algo.init_from=''")
-        if not (init / "papo_model.json").is_file():
-            raise ConfigError(f"algo.init_from={init} has no papo_model.json, so it is not a model directory; "
-                              f"point it at tools/convert_hf_to_mcore.py or papo-mega sft output")
-        checked.append(f"algo.init_from {init}")
-    if cfg.data.tokenizer:
-        if not Path(cfg.data.tokenizer).is_file():
-            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} does not exist; point it at the HF "
-                              f"checkpoint's tokenizer.json or set data.tokenizer=''")
-        checked.append(f"data.tokenizer {cfg.data.tokenizer}")
-    run_dir = Path(cfg.run.run_dir)
+    A missing input is not an error: a recipe is usually checked before its data and model are
+    prepared (the README's 72B dry run on a fresh clone), so every missing one is listed at once
+    with the command that creates it. A path that exists but is wrong is an error."""
+
+    checked: list = field(default_factory=list)
+    to_create: list = field(default_factory=list)
+
+
+def _check_shards(key: str, directory: str, paths: PathReport) -> None:
+    """A shard directory: missing -> to create; present -> its manifest must be valid."""
+    from papo_mega.data.shards import load_index
+
+    if not Path(directory).exists():
+        paths.to_create.append(f"{key}={directory}: write shards there (python tools/make_shards.py INPUT --out "
+                               f"{directory}, or tools/make_synthetic.py --split ... --num N --out {directory})")
+        return
+    try:
+        load_index(directory)
+    except PapoError as err:
+        raise ConfigError(f"{key}={directory}: {err}") from None
+    paths.checked.append(f"{key} {directory}")
+
+
+def _check_model_dir(init: Path, paths: PathReport) -> None:
+    if not init.exists():
+        paths.to_create.append(f"algo.init_from={init}: convert the HF model there (python "
+                               f"tools/convert_hf_to_mcore.py --hf HF_DIR --out {init}; it loads at any layout)")
+    elif not (init / "papo_model.json").is_file():
+        raise ConfigError(f"algo.init_from={init} has no papo_model.json, so it is not a model directory; "
+                          f"point it at tools/convert_hf_to_mcore.py or papo-mega sft output")
+    else:
+        paths.checked.append(f"algo.init_from {init}")
+
+
+def _check_run_dir(run_dir: Path, paths: PathReport) -> None:
     probe = run_dir
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"run.run_dir={run_dir} is not writable ({probe} is not a writable directory); "
                           f"choose another run.run_dir")
-    checked.append(f"run.run_dir {run_dir} (writable)")
-    return checked
+    paths.checked.append(f"run.run_dir {run_dir} (writable)")
+
+
+def check_paths(cfg: Config) -> PathReport:
+    """Validate the paths a run reads and writes; raise PapoError for the first wrong one and list
+    the inputs still to be created."""
+    paths = PathReport()
+    if not cfg.data.train_shards:
+        raise ConfigError("data.train_shards is empty; set it to a shard directory (tools/make_shards.py output)")
+    _check_shards("data.train_shards", cfg.data.train_shards, paths)
+    if cfg.data.eval_shards:
+        _check_shards("data.eval_shards", cfg.data.eval_shards, paths)
+    if cfg.algo.init_from:
+        _check_model_dir(Path(cfg.algo.init_from), paths)
+    if cfg.data.tokenizer:
+        if Path(cfg.data.tokenizer).is_file():
+            paths.checked.append(f"data.tokenizer {cfg.data.tokenizer}")
+        else:
+            paths.to_create.append(f"data.tokenizer={cfg.data.tokenizer}: put the HF model's tokenizer.json there, "
+                                   f"or set data.tokenizer='' to use the one stored in algo.init_from")
+    _check_run_dir(Path(cfg.run.run_dir), paths)
+    return paths
 
 
 def _fp8_note(model: ModelConfig) -> str | None:
@@ -190,6 +216,8 @@ class DryRunReport:
     """rank -> (pp_rank, parameters built on the meta device)."""
     total: int = 0
     checked: list = field(default_factory=list)
+    to_create: list = field(default_factory=list)
+    """Inputs the recipe names that do not exist yet, each with how to create it."""
     notes: list = field(default_factory=list)
     seconds: float = 0.0
     max_rss_mb: float = 0.0
@@ -200,8 +228,10 @@ class DryRunReport:
             out.append(f"rank {rank} (pp stage {pp_rank}): {count:,} parameters ({_short(count)}) = expected")
         out.append(f"model: {self.total:,} parameters ({_short(self.total)})")
         out += [f"checked: {item}" for item in self.checked]
+        out += [f"to create before the real run: {item}" for item in self.to_create]
         out += [f"note: {note}" for note in self.notes]
-        out.append(f"dry run ok in {self.seconds:.1f} s (peak RSS {self.max_rss_mb:.0f} MB)")
+        pending = f"; {len(self.to_create)} input(s) to create before the real run (above)" if self.to_create else ""
+        out.append(f"dry run ok in {self.seconds:.1f} s (peak RSS {self.max_rss_mb:.0f} MB){pending}")
         return out
 
 
@@ -229,7 +259,9 @@ def run_dry_run(cfg: Config, world_size: int | None = None, rank: int = 0) -> Dr
         check_vision_layout(cfg.vision, layout)
     report = DryRunReport(layout=layout, total=total_params(cfg))
     report.checked.append(f"recipe at world size {world_size} (layout, batch sizes, algorithm)")
-    report.checked += check_paths(cfg)
+    paths = check_paths(cfg)
+    report.checked += paths.checked
+    report.to_create = paths.to_create
     # Rank order is tp fastest, then dp, then pp: the same tp/dp coordinates on the first stage
     # (vision tower, embedding) and the last stage (output layer) are built too.
     per_stage = layout.tp_size * layout.dp_size

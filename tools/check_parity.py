@@ -11,15 +11,28 @@ from __future__ import annotations
 import argparse
 import sys
 
+from papo_mega.convert.hf_config import configs_from_hf, read_hf_config
 from papo_mega.convert.hf_to_mcore import read_metadata
 from papo_mega.convert.jobs import run_job, run_tool
-from papo_mega.convert.parity import build_probe_inputs, hf_logits, max_abs_logit_diff, our_logits_rank
+from papo_mega.convert.parity import (
+    build_probe_inputs,
+    hf_logits,
+    max_abs_logit_diff,
+    our_logits_rank,
+    shape_differences,
+)
+from papo_mega.errors import PapoError
 
 FP32_TOLERANCE = 1e-4
 
 
 def check(args) -> int:
     _, model, vision = read_metadata(args.ckpt)
+    hf_model, hf_vision, _ = configs_from_hf(read_hf_config(args.hf))
+    differ = shape_differences((hf_model, hf_vision), (model, vision))
+    if differ:
+        raise PapoError(f"{args.hf} and {args.ckpt} are different models ({'; '.join(differ)}); compare a "
+                        f"checkpoint with the HF model it was converted from")
     inputs = build_probe_inputs(model, vision, seed=args.seed)
     theirs = hf_logits(args.hf, inputs, model.image_token_id)
     ours = run_job(our_logits_rank, args.tp * args.pp,

@@ -117,9 +117,26 @@ def _pyarrow_parquet():
     return pq
 
 
+def _parquet_errors() -> tuple[type[Exception], ...]:
+    """What pyarrow raises for a damaged file (ArrowInvalid for a bad footer, OSError for bad thrift)."""
+    import pyarrow
+
+    return OSError, pyarrow.ArrowException
+
+
+def _unreadable_parquet(path: Path, err: Exception) -> PapoError:
+    cause = " ".join(str(err).split())[:200]  # pyarrow's thrift messages span lines
+    return PapoError(f"{path} is not a readable parquet file ({type(err).__name__}: {cause}); "
+                     f"re-download or re-export it (or convert it to jsonl), then rerun with an empty --out")
+
+
 def count_records(path: Path, kind: str) -> int:
     if kind == "parquet":
-        return _pyarrow_parquet().ParquetFile(path).metadata.num_rows
+        pq = _pyarrow_parquet()
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except _parquet_errors() as err:  # a bad footer: nothing is written yet
+            raise _unreadable_parquet(path, err) from None
     with open(path, "rb") as stream:
         return sum(1 for line in stream if line.strip())
 
@@ -127,8 +144,14 @@ def count_records(path: Path, kind: str) -> int:
 def read_records(path: Path, kind: str) -> Iterator[dict | Skip]:
     """Records in file order; an unparseable jsonl line comes out as a Skip so rows keep their numbers."""
     if kind == "parquet":
-        for batch in _pyarrow_parquet().ParquetFile(path).iter_batches(batch_size=256):
-            yield from batch.to_pylist()
+        pq = _pyarrow_parquet()
+        try:
+            # A damaged row group surfaces here, mid-conversion: the shards written so far stay,
+            # under a manifest marked incomplete, so readers refuse them until a rerun finishes.
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+                yield from batch.to_pylist()
+        except _parquet_errors() as err:
+            raise _unreadable_parquet(path, err) from None
         return
     with open(path, "rb") as stream:
         for line in stream:

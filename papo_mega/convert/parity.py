@@ -14,6 +14,29 @@ from papo_mega.models.rope_index import compute_mrope_position_ids
 from papo_mega.types import ModelInputs
 
 
+# Settings that fix tensor shapes or token meanings: if the HF model and the checkpoint disagree
+# on one, the probe batch built from the checkpoint's config does not fit the HF model (an
+# IndexError deep in transformers), so they are compared first.
+SHAPE_FIELDS = {
+    "model": ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+              "vocab_size", "tie_embeddings", "image_token_id", "video_token_id", "vision_start_token_id",
+              "vision_end_token_id"),
+    "vision": ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+               "temporal_patch_size", "spatial_merge_size"),
+}
+
+
+def shape_differences(hf: tuple[ModelConfig, VisionConfig], ours: tuple[ModelConfig, VisionConfig]) -> list[str]:
+    """'section.field HF a, checkpoint b' for every shape setting the two models disagree on."""
+    out = []
+    for section, theirs, mine in (("model", hf[0], ours[0]), ("vision", hf[1], ours[1])):
+        for name in SHAPE_FIELDS[section]:
+            a, b = getattr(theirs, name), getattr(mine, name)
+            if a != b:
+                out.append(f"{section}.{name} HF {a}, checkpoint {b}")
+    return out
+
+
 def build_probe_inputs(model: ModelConfig, vision: VisionConfig, seed: int = 0) -> ModelInputs:
     """Two sequences: [text, <start>, image A, <end>, text] and a shorter one with image B."""
     gen = torch.Generator().manual_seed(seed)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from papo_mega.errors import PapoError
@@ -22,16 +22,18 @@ class SafetensorsReader:
         self.directory = Path(directory)
         index = self.directory / INDEX
         if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            self.weight_map: dict[str, str] = _read_index(index)
         elif (self.directory / SINGLE).is_file():
-            with safe_open(self.directory / SINGLE, "pt") as handle:
-                self.weight_map = {name: SINGLE for name in handle.keys()}
+            self.weight_map = {name: SINGLE for name in _open_checked(self.directory / SINGLE).keys()}
         else:
             raise PapoError(f"no {SINGLE} or {INDEX} in {self.directory}; is this a Hugging Face model directory?")
+        self._open: dict[str, object] = {}
         for shard in sorted(set(self.weight_map.values())):
             if not (self.directory / shard).is_file():
                 raise PapoError(f"shard {shard} listed in {INDEX} is missing from {self.directory}; re-download it")
-        self._open: dict[str, object] = {}
+            # Opening reads only the header, and safetensors checks it against the file size: a
+            # truncated shard fails here, in one line, before any conversion process starts.
+            self._open[shard] = _open_checked(self.directory / shard)
 
     def names(self) -> list[str]:
         return sorted(self.weight_map)
@@ -39,16 +41,32 @@ class SafetensorsReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise PapoError(f"tensor {name} is missing from {self.directory}; the checkpoint is incomplete")
-        shard = self.weight_map[name]
-        if shard not in self._open:
-            self._open[shard] = safe_open(self.directory / shard, "pt")
-        return self._open[shard].get_tensor(name)
+        return self._open[self.weight_map[name]].get_tensor(name)
 
     def get_many(self, prefix: str) -> dict[str, torch.Tensor]:
         return {name: self.get(name) for name in self.weight_map if name.startswith(prefix)}
 
     def total_bytes(self) -> int:
         return sum((self.directory / shard).stat().st_size for shard in set(self.weight_map.values()))
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise PapoError(f"{path} is damaged ({type(err).__name__}: {err}); re-download the model") from None
+    if not isinstance(weight_map, dict):
+        raise PapoError(f"{path} is damaged (weight_map is not an object); re-download the model")
+    return weight_map
+
+
+def _open_checked(path: Path):
+    """safe_open, with a damaged file (truncated, bad header) as one line naming it."""
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as err:
+        raise PapoError(f"{path} is not a readable safetensors file ({err}); it is truncated or damaged: "
+                        f"re-download it") from None
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import webdataset as wds
 
+from papo_mega.errors import PapoError
+
 MANIFEST = "manifest.json"
 
 
@@ -44,8 +46,38 @@ def shard_name(index: int) -> str:
 
 
 def read_manifest(directory: str | Path) -> dict:
+    """The manifest of a shard directory (an empty one if there is none); a damaged one is a PapoError."""
     path = Path(directory) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {"shards": [], "samples_per_shard": None}
+    if not path.is_file():
+        return {"shards": [], "samples_per_shard": None}
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(path, f"not JSON: {err}") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise _damaged(path, problem)
+    return manifest
+
+
+def manifest_problem(manifest) -> str | None:
+    """What is wrong with a parsed manifest's structure, or None. Shard names must be bare file
+    names: a reader opens directory / name, so '../x.tar' or '/abs.tar' would read outside it."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", []), list):
+        return "expected an object with a 'shards' list"
+    for i, entry in enumerate(manifest.get("shards", [])):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) \
+                or type(entry.get("count")) is not int or entry["count"] < 0:
+            return f"shards[{i}] is not {{\"name\": str, \"count\": int >= 0}}"
+        name = entry["name"]
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            return f"shard name {name!r} is not a bare file name, so it would be read from outside the directory"
+    return None
+
+
+def _damaged(path: Path, problem: str) -> PapoError:
+    return PapoError(f"{path} is not a valid shard manifest ({problem}); re-write the shards into a new directory with "
+                     f"tools/make_shards.py or tools/make_synthetic.py")
 
 
 def _write_manifest(directory: Path, manifest: dict) -> None:

@@ -97,12 +97,12 @@ def test_tiny_dry_run_counts_match_a_real_build(shards, tmp_path, sizes):
 @pytest.mark.parametrize("args, message", [
     (["--world-size", "8", "parallel.tp_size=8"],
      "4 attention heads are not divisible by tp_size=8; choose a tp_size that divides 4"),
-    (["data.train_shards=/nonexistent/shards"],
-     "data.train_shards=/nonexistent/shards does not exist"),
+    ([f"data.train_shards={REPO / 'docs'}"],  # exists but is no shard directory (a missing one is to create)
+     f"data.train_shards={REPO / 'docs'}: {REPO / 'docs'} has no manifest.json"),
     (["--world-size", "3", "parallel.tp_size=2"], "world size 3 is not divisible by tp*pp*cp = 2*1*1 = 2"),
     (["model.precision=fp8", "model.fp8_bf16_layers_start=1"],
      "model.fp8_recipe=delayed cannot keep layers in bf16"),
-], ids=["heads-vs-tp", "missing-shards", "world-size", "fp8-delayed-bf16"])
+], ids=["heads-vs-tp", "not-shards", "world-size", "fp8-delayed-bf16"])
 def test_bad_recipes_are_one_line_errors(shards, tmp_path, args, message):
     defaults = [f"data.train_shards={shards}", "data.eval_shards=", f"run.run_dir={tmp_path}"]
     proc = dry_run(TINY, *defaults, *args)
