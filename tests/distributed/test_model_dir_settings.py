@@ -162,3 +162,39 @@ def test_conversion_carries_tokenizer_files_both_ways(tmp_path):
     for name, text in extras.items():
         assert (tmp_path / "ckpt" / "tokenizer" / name).read_text() == text, name
         assert (tmp_path / "back" / name).read_text() == text, name
+
+
+def interrupted_second_save(out: str) -> float:
+    """Save a model directory, then fail a second save (other weights) after its shards are written;
+    returns the largest difference between the first weights and what loads from `out`."""
+    import papo_mega.model_dir as model_dir
+    from papo_mega.config import load_config
+    from papo_mega.distributed import init_distributed
+    from papo_mega.distributed.sharding import named_local_params
+    from papo_mega.models.qwen_vl import build_model_chunks
+
+    cfg = load_config(None, ["preset=tiny"])
+    groups = init_distributed({}, seed=1)
+    first = build_model_chunks(cfg.model, cfg.vision, groups, seed=5)
+    model_dir.save_model_dir(first, out, cfg.model, cfg.vision, groups, cfg=cfg)
+    writes = model_dir.save_model
+
+    def crash_after_writing(chunks, directory):
+        writes(chunks, directory)
+        raise OSError("simulated crash after the shards were written")
+
+    model_dir.save_model = crash_after_writing
+    try:
+        model_dir.save_model_dir(build_model_chunks(cfg.model, cfg.vision, groups, seed=6), out, cfg.model,
+                                 cfg.vision, groups, cfg=cfg)
+    except OSError:
+        pass
+    finally:
+        model_dir.save_model = writes
+    loaded = model_dir.load_model_dir(out, groups)[0]
+    ours = dict(named_local_params(first[0]))
+    return max((p - ours[n]).abs().max().item() for n, p in named_local_params(loaded[0]))
+
+
+def test_an_interrupted_save_leaves_the_previous_model_directory_whole(tmp_path):
+    assert run_distributed(interrupted_second_save, 1, args=(str(tmp_path / "final"),))[0] == 0.0
