@@ -145,7 +145,7 @@ class DataConfig:
     mask_ratio: float = _f(0.6, "PAPO: probability that a 14x14-pixel cell is blackened.")
     mask_cell: int = _f(14, "PAPO: side of a masking cell in pixels.")
     mask_mode: str = _f("pixel", "PAPO mask: pixel (cells on the raw image) | patch (whole vision patches).")
-    tokenizer: str = _f("", "tokenizer.json (HF tokenizers) or *.model (sentencepiece); '' builds the tiny one.")
+    tokenizer: str = _f("", "tokenizer.json (HF tokenizers) or *.model (sentencepiece); '': the one stored in algo.init_from / --ckpt, else the tiny one (tiny-vocabulary models only).")
     max_prompt_len: int = _f(4096, "Longest prompt in tokens; longer prompts are skipped and counted.")
     max_skip_fraction: float = _f(0.01, "Stop with an error when more than this share of samples is skipped.")
 
