@@ -17,8 +17,9 @@ sees exactly the samples, in the same order, that the uninterrupted stream would
 
 Bad samples (unreadable or truncated tar, missing members or JSON fields, undecodable image) are
 skipped but still take their position, so the order and the state stay exact; they are counted and
-logged with shard and key, and the stream raises a PapoError once a rank's skips in an epoch pass
-`max_skip_fraction` of its samples. See docs/data.md.
+logged with shard and key, together with the consumer's (`reject`), and the stream raises a
+PapoError once they pass `max_skip_fraction` (data/skips.py: per epoch, or the share so far). See
+docs/data.md.
 """
 
 from __future__ import annotations
