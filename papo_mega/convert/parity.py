@@ -13,7 +13,6 @@ from papo_mega.config import ModelConfig, VisionConfig
 from papo_mega.models.rope_index import compute_mrope_position_ids
 from papo_mega.types import ModelInputs
 
-
 # Settings that fix tensor shapes or token meanings: if the HF model and the checkpoint disagree
 # on one, the probe batch built from the checkpoint's config does not fit the HF model (an
 # IndexError deep in transformers), so they are compared first.
