@@ -151,6 +151,7 @@ def _resume(cfg: Config, run_dir: Path, out: Path, chunks, optimizer, scheduler,
     rank_state = state.get("rank_state") or {}
     if "stream" in rank_state:
         stream.load_state_dict(rank_state["stream"])
+    stream.skips.totals.update(rank_state.get("skips", {}))  # max_skip_fraction judges the whole run
     if groups.rank == 0:
         print(f"[papo-mega] sft: resumed from {resume} at step {state['step']}", flush=True)
     return int(state["step"]), log_from_metrics(run_dir, int(state["step"]))
@@ -254,7 +255,7 @@ def run_sft(cfg: Config, *, overwrite: bool = False, allow_config_change: bool =
             done = step + 1
             if (cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0) or done == cfg.sft.steps:
                 save_training_checkpoint(run_dir, done, chunks, optimizer, scheduler,
-                                         {"stream": stream.state_dict()}, cfg, groups)
+                                         {"stream": stream.state_dict(), "skips": dict(stream.skips.totals)}, cfg, groups)
             bar.set_postfix(loss=f"{loss:.4f}")
             if is_main and done % cfg.train.log_every == 0:
                 tqdm.write(f"sft step {done:4d}/{cfg.sft.steps}  loss {loss:.4f}  grad_norm {grad_norm:.3f}",

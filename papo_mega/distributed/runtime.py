@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from papo_mega.distributed.cpu_mode import enable_cpu_mode
 from papo_mega.distributed.launcher import LaunchInfo, detect_launch
-from papo_mega.distributed.lifetime import tie_children_to_this_process
 from papo_mega.distributed.layout import ParallelLayout
+from papo_mega.distributed.lifetime import tie_children_to_this_process
 from papo_mega.errors import LaunchError, LayoutError
 
 if TYPE_CHECKING:

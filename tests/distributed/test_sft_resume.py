@@ -76,6 +76,11 @@ def test_interrupted_sft_resumes_exactly_where_it_stopped(shards, uninterrupted,
     assert crashed == ["simulated crash"] * 2
     run_dir = tmp_path / SFT_RUN
     assert newest_intact_checkpoint(run_dir).name == "step_00000002"
+    import torch
+
+    # The skip totals travel with the checkpoint, so max_skip_fraction judges the whole run after a resume.
+    saved = torch.load(newest_intact_checkpoint(run_dir) / "rank_state" / "rank_00000.pt", weights_only=False)
+    assert saved["user"]["skips"]["samples_read"] > 0
     assert not (tmp_path / CHECKPOINTS).exists() and not (tmp_path / "metrics.jsonl").exists()  # RL's places
 
     resumed = run_distributed(sft_job, 2, args=(args,), timeout_s=300)[0]
