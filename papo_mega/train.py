@@ -553,8 +553,9 @@ def run_train(cfg: Config, *, overwrite: bool = False, allow_config_change: bool
             plots = plot_run(cfg.run.run_dir)
             print(_summary(cfg, start, wall(), metrics, final, plots), flush=True)
         return metrics
-    except BaseException:
-        if running is not None and groups.rank == 0:
+    except BaseException as err:
+        # A PapoError is already the one line that names the fix; an unexpected failure gets the hint.
+        if running is not None and groups.rank == 0 and not isinstance(err, PapoError):
             print(_crash_hint(cfg.run.run_dir, running), file=sys.stderr, flush=True)
         raise
     finally:
