@@ -27,6 +27,7 @@ def _train(shards, run_dir, *overrides) -> subprocess.CompletedProcess:  # noqa:
 def _error_line(proc: subprocess.CompletedProcess) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("papo-mega: error")]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "train failed at step" not in proc.stderr, proc.stderr[-3000:]  # no crash hint beside the one line
     return lines[0]
 
 
