@@ -43,6 +43,7 @@ from papo_mega.optim_state import (
     restore_steps,
     tolerate_missing_step,
 )
+from papo_mega.run_dir import fsync_dir, write_atomic
 
 _log = logging.getLogger(__name__)
 
@@ -400,30 +401,6 @@ def _save_error(step: int, directory: Path, err: BaseException | str, previous: 
                      f"published and {kept}")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write text to path via a temporary file and os.replace (readers see old or new, never half)."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _agree(error: str | None) -> str | None:
     """Every rank's local outcome -> the first error any rank had (collective; same on all ranks)."""
     import torch.distributed as dist
@@ -447,9 +424,9 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
         if aside is not None:
             os.replace(aside, final)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     _fault("published")
-    _write_atomic(root / LATEST, final.name + "\n")
+    write_atomic(root / LATEST, final.name + "\n")
 
 
 def _prune(root: Path, keep_last: int, new: Path, current_tmp: Path) -> None:
@@ -555,7 +532,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
             }
             try:
-                _write_atomic(tmp / MARKER, json.dumps(marker, indent=1))
+                write_atomic(tmp / MARKER, json.dumps(marker, indent=1))
                 _publish(root, tmp, final)
             except Exception as err:  # noqa: BLE001 - the other ranks wait for the outcome
                 error = str(_save_error(step, tmp, err, previous))

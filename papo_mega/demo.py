@@ -27,6 +27,7 @@ from pathlib import Path
 
 from papo_mega.config import Config, load_config
 from papo_mega.errors import PapoError
+from papo_mega.run_dir import write_atomic
 
 DEMO_TASKS = ("compare_size",)
 """The task the demo learns: a tiny model reads it well after a minute of SFT (docs/sft.md)."""
@@ -223,8 +224,6 @@ def run_demo(plan: DemoPlan) -> dict:
                lambda: _launch(plan, "train", [f"algo.init_from={sft_dir}", "checkpoint.resume=auto"]))
     summary = summarise(cfg, plan, time.perf_counter() - started, memory.peak_bytes)
     summary = keep_measured(summary, _previous_summary(run_dir / SUMMARY_FILE), plan.skipped)
-    tmp = run_dir / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run_dir / SUMMARY_FILE)  # a kill while writing never loses the previous figures
+    write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1))  # a kill never loses the previous figures
     print("\n" + format_summary(summary), flush=True)
     return summary

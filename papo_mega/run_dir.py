@@ -3,6 +3,9 @@
 A read-only or full run directory used to surface as a PermissionError traceback from rank 0's
 first write (the resolved config), with the other ranks waiting in a collective until
 parallel.timeout_s. Every rank checks first, so the job stops at once with one line.
+
+`write_atomic` is the one way a run's small files (checkpoint markers, the `latest` pointer, the
+demo summary) are replaced: readers see the old or the new text, never half.
 """
 
 from __future__ import annotations
@@ -51,3 +54,28 @@ def check_writable(run_dir: str | Path) -> Path:
         except OSError:
             pass
     return path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (best effort: some file systems refuse a directory fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path via a temporary file and os.replace (readers see old or new, never half)."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
