@@ -35,10 +35,13 @@ def _cmd_smoke(args) -> int:
 
 def _cmd_demo(args) -> int:
     """The embedded default job (papo_mega/demo.py): shards, SFT, PAPO-G RL with evaluations, summary."""
-    from papo_mega.demo import DemoPlan, run_demo
+    from papo_mega.demo import DemoPlan, run_demo, seeded_overrides
 
+    if args.threads < 0:
+        raise PapoError(f"--threads {args.threads} must be >= 1 (or 0: the cores divided among the processes)")
+    overrides = seeded_overrides(str(args.config), list(args.overrides), args.seed)
     print(f"[papo-mega] demo: {args.config} on {args.nproc} local CPU processes", flush=True)
-    run_demo(DemoPlan(str(args.config), list(args.overrides), nproc=args.nproc))
+    run_demo(DemoPlan(str(args.config), overrides, nproc=args.nproc, threads=args.threads))
     return 0
 
 
@@ -194,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded default job: a tiny VLM trained with PAPO on CPU")
     demo.add_argument("--config", default=str(DEFAULT_RECIPE), help="recipe (default: examples/tiny_cpu.yaml)")
     demo.add_argument("--nproc", type=int, default=2, help="local processes (default 2, data parallel)")
+    demo.add_argument("--seed", type=int, default=None,
+                      help="train.seed for SFT, RL and eval (init, data order, sampling), in RUN_DIR_seedS")
+    demo.add_argument("--threads", type=int, default=0,
+                      help="torch threads per process (default 0: the cores divided among the processes)")
     demo.add_argument("overrides", nargs="*", help="dotted overrides")
     demo.set_defaults(func=_cmd_demo)
 

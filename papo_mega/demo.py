@@ -42,6 +42,8 @@ class DemoPlan:
     recipe: str
     overrides: list[str]
     nproc: int = 2
+    threads: int = 0
+    """torch threads per process (OMP_NUM_THREADS); 0: the cores divided among the processes."""
     train_samples: int = 4000
     test_samples: int = 200
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -86,11 +88,23 @@ class PeakMemory:
         self._thread.join()
 
 
+def seeded_overrides(recipe: str, overrides: list[str], seed: int | None) -> list[str]:
+    """`papo-mega demo --seed S`: train.seed=S (model init, data order, sampling in SFT, RL and
+    evaluation) and, unless run.run_dir is given, its own run directory RUN_DIR_seedS - another
+    seed must never find and skip the stages of the recipe's default seed."""
+    if seed is None:
+        return overrides
+    extra = [f"train.seed={seed}"]
+    if not any(o.startswith("run.run_dir=") for o in overrides):
+        extra.append(f"run.run_dir={load_config(recipe, overrides).run.run_dir}_seed{seed}")
+    return [*overrides, *extra]
+
+
 def _launch(plan: DemoPlan, command: str, extra: list[str]) -> None:
     """Run `papo-mega COMMAND recipe overrides extra` on plan.nproc local processes; raise on failure."""
     from papo_mega.distributed.launcher import find_free_port
 
-    threads = max(1, (os.cpu_count() or 1) // plan.nproc)
+    threads = plan.threads
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.nproc}",
            f"--master-port={find_free_port()}", "-m", "papo_mega.cli", command, plan.recipe, *plan.overrides, *extra]
     # megatron's notices (no TE/apex on CPU, deprecated checkpoint calls) are not actionable for a
@@ -124,15 +138,22 @@ def _rl_done(cfg: Config) -> bool:
 
 
 def eval_history(run_dir: str | Path) -> list[dict]:
-    """The evaluation rows of a run's metrics.jsonl: [{step, original, masked, blank}], in step order."""
+    """The evaluation rows of a run's metrics.jsonl, in step order: {step, <view>: accuracy,
+    format: {view: rate}, wellformed: {view: accuracy among well-formed answers or None},
+    reliance: {view: format-aware original-minus-view or None}, chance: chance level or None}."""
     from papo_mega.metrics import METRICS_FILE, eval_tag
 
     path = Path(run_dir) / METRICS_FILE
     rows = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         record = json.loads(line)
-        if record.get(eval_tag("original")) is not None:
-            rows.append({"step": record["step"], **{v: record.get(eval_tag(v)) for v in VIEWS}})
+        if record.get(eval_tag("original")) is None:
+            continue
+        rows.append({"step": record["step"], **{v: record.get(eval_tag(v)) for v in VIEWS},
+                     "format": {v: record.get(f"eval/{v}_format_rate") for v in VIEWS},
+                     "wellformed": {v: record.get(f"eval/{v}_wellformed_accuracy") for v in VIEWS},
+                     "reliance": {v: record.get(f"eval/reliance_{v}") for v in VIEWS if v != "original"},
+                     "chance": record.get("eval/chance_accuracy")})
     return rows
 
 
@@ -148,8 +169,10 @@ def summarise(cfg: Config, plan: DemoPlan, wall_s: float, peak_bytes: int) -> di
         "tasks": list(DEMO_TASKS), "questions": cfg.algo.eval_samples, "k": cfg.algo.eval_k,
         "rl_steps": cfg.train.steps, "prompts_per_step": cfg.algo.prompts_per_step, "rollouts": cfg.rollout.n,
         "before_rl": before, "after_rl": after, "history": history,
-        "vision_reliance": {"before_rl": before["original"] - before["blank"],
-                            "after_rl": after["original"] - after["blank"]},
+        "seed": cfg.train.seed, "threads_per_process": plan.threads,
+        # Format-aware (eval_metrics.py): None where the blank view's answers lost the format.
+        "vision_reliance": {"before_rl": before["reliance"]["blank"], "after_rl": after["reliance"]["blank"]},
+        "rl_gain": after["original"] - before["original"],
         "wall_s": round(wall_s, 1), "stage_s": plan.stage_seconds, "peak_memory_gb": round(peak_bytes / 2**30, 2),
         "nproc": plan.nproc, "tensorboard": str(run_dir / "tb"), "plots": str(run_dir / "plots"),
     }
@@ -177,17 +200,32 @@ def _previous_summary(path: Path) -> dict | None:
     return previous if isinstance(previous, dict) else None
 
 
+def _num(value: float | None, width: int, digits: int = 3) -> str:
+    return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}s}"
+
+
+def _reliance_text(value: float | None) -> str:
+    return f"{100 * value:+.1f}" if value is not None else "not measured (blank answers lose the format)"
+
+
 def format_summary(summary: dict) -> str:
     b, a = summary["before_rl"], summary["after_rl"]
     names = {"original": "original image", "masked": "masked image", "blank": "blank image"}
+    chance = a.get("chance")
     lines = [f"PAPO demo: {', '.join(summary['tasks'])}, {summary['questions']} held-out questions, "
-             f"avg@{summary['k']} accuracy",
-             f"  {'':16s} before RL   after RL ({summary['rl_steps']} PAPO-G steps)"]
+             f"avg@{summary['k']}, seed {summary.get('seed', '?')}"
+             + (f", chance {chance:.3f}" if chance is not None else ""),
+             f"  {'':16s} {'before RL':^23s}   after RL ({summary['rl_steps']} PAPO-G steps)",
+             f"  {'':16s} {'acc':>7s} {'format':>7s} {'acc|wf':>7s}   {'acc':>7s} {'format':>7s} {'acc|wf':>7s}"]
     for view in VIEWS:
-        lines.append(f"  {names[view]:16s} {b[view]:9.3f}   {a[view]:8.3f}")
+        cells = [(row[view], row.get("format", {}).get(view), row.get("wellformed", {}).get(view)) for row in (b, a)]
+        lines.append(f"  {names[view]:16s} " + "   ".join(" ".join(_num(x, 7) for x in c) for c in cells))
+    lines.append("  (acc|wf: accuracy among answers in the think/boxed format)")
+    lines.append(f"  original-image accuracy {b['original']:.3f} -> {a['original']:.3f} "
+                 f"({100 * (a['original'] - b['original']):+.1f} points)")
     reliance = summary["vision_reliance"]
-    lines.append(f"  vision reliance (original - blank): {100 * reliance['before_rl']:+.1f} -> "
-                 f"{100 * reliance['after_rl']:+.1f} points")
+    lines.append(f"  vision reliance, well-formed answers, original minus blank: {_reliance_text(reliance['before_rl'])}"
+                 f" -> {_reliance_text(reliance['after_rl'])} points")
     earlier = summary.get("stages_from_earlier_run") or []
     stages = ", ".join(f"{k} {v:.0f} s{' (earlier run)' if k in earlier else ''}"
                        for k, v in summary["stage_s"].items())
@@ -201,6 +239,7 @@ def run_demo(plan: DemoPlan) -> dict:
     """Shards -> SFT -> PAPO-G (with evaluations) -> summary; returns the summary dict."""
     from papo_mega.data.synthetic_shards import is_complete, synthetic_recipe, write_synthetic_shards
 
+    plan.threads = plan.threads or max(1, (os.cpu_count() or 1) // plan.nproc)
     cfg = load_config(plan.recipe, plan.overrides)
     cfg.check(plan.nproc)  # a bad layout fails here, in one line, not in N processes
     cfg.check_algorithm(plan.nproc // (cfg.parallel.tp_size * cfg.parallel.pp_size))

@@ -1,9 +1,11 @@
-"""Evaluation: avg@k accuracy per task and overall, and vision reliance.
+"""Evaluation: avg@k accuracy, format rate and accuracy among well-formed answers per task and
+image view, the chance level, and format-aware vision reliance (eval_metrics.py defines them).
 
 Every question is answered k times with the original image, the PAPO-masked image and a blank
-(all-black) image. A model that looks at the image scores clearly higher on the original; one
-that answers from the text alone scores the same on all three ("vision reliance" = original
-minus blank accuracy, and original minus masked). Writes eval.json and eval.md.
+(all-black) image. A model that looks at the image scores clearly higher on the original among
+well-formed answers; one that answers from the text alone scores the same on all three. A view
+whose answers lose the format gets no reliance figure: that is format breakage, not perception.
+Writes eval.json and eval.md.
 
     papo-mega eval --ckpt MODEL_DIR --data SHARDS [--k 8] [--max-samples N] [--config RECIPE] [overrides]
 
@@ -28,7 +30,9 @@ from papo_mega.data.image import BadImage
 from papo_mega.data.prepare import PreparedPrompt, prepare_prompt
 from papo_mega.data.prompts import PromptTooLong
 from papo_mega.data.shards import ShardStream
+from papo_mega.data.synthetic_shards import synthetic_chance
 from papo_mega.distributed.runtime import ParallelGroups
+from papo_mega.eval_metrics import OVERALL, add_answer, markdown_table, merge_counts, new_cell, tables
 from papo_mega.reward import score_batch
 
 EVAL_VIEWS = ("original", "masked", "blank")
@@ -66,8 +70,7 @@ def evaluate(engine, tokenizer, cfg: Config, groups: ParallelGroups, shards: str
         max_samples = max_samples // dp + (1 if rank < max_samples % dp else 0)
     stream = ShardStream(shards, dp_rank=groups.dp_rank, dp_size=groups.layout.dp_size, seed=cfg.train.seed,
                          shuffle_buffer=0, epochs=1, max_skip_fraction=cfg.data.max_skip_fraction)
-    # sums[view][task] = [correct answers, format hits, answers]
-    sums: dict = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0, 0]))
+    sums: dict = defaultdict(lambda: defaultdict(new_cell))  # eval_metrics.new_cell says what a cell counts
     skipped = defaultdict(int)
     seen = 0
     total = min(stream.epoch_length, max_samples or stream.epoch_length)
@@ -95,57 +98,24 @@ def evaluate(engine, tokenizer, cfg: Config, groups: ParallelGroups, shards: str
                      for r in range(len(out.lengths))]
             truths = [prepared[int(g)].answer for g in out.prompt_index]
             for g, result in zip(out.prompt_index.tolist(), score_batch(texts, truths, cfg.reward)):
-                for task in (prepared[g].task, "overall"):
-                    cell = sums[view][task]
-                    cell[0] += result.accuracy
-                    cell[1] += result.format
-                    cell[2] += 1
+                for task in (prepared[g].task, OVERALL):
+                    add_answer(sums[view][task], result.accuracy, result.format)
         if max_samples is not None and seen >= max_samples:
             break
     bar.close()
     local = {view: {task: list(cell) for task, cell in tasks.items()} for view, tasks in sums.items()}
     gathered = [None] * groups.layout.dp_size
     dist.all_gather_object(gathered, {"sums": local, "skipped": dict(skipped)}, group=groups.dp)
-    return _tables(gathered, k, views)
+    return _tables(gathered, k, views, synthetic_chance(shards))
 
 
-def _tables(gathered: list[dict], k: int, views: tuple[str, ...]) -> dict:
-    merged: dict = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0, 0]))
+def _tables(gathered: list[dict], k: int, views: tuple[str, ...], chance: dict[str, float | None]) -> dict:
     skipped: dict = defaultdict(int)
     for part in gathered:
-        for view, tasks in part["sums"].items():
-            for task, (correct, fmt, count) in tasks.items():
-                cell = merged[view][task]
-                cell[0] += correct
-                cell[1] += fmt
-                cell[2] += count
         for reason, count in part["skipped"].items():
             skipped[reason] += count
-    tasks = sorted({t for v in merged.values() for t in v if t != "overall"}) + ["overall"]
-    accuracy = {view: {t: merged[view][t][0] / merged[view][t][2] for t in tasks if merged[view][t][2]}
-                for view in views}
-    fmt = {view: merged[view]["overall"][1] / max(merged[view]["overall"][2], 1) for view in views}
-    result = {"k": k, "questions": merged[views[0]]["overall"][2] // k if views else 0,
-              "accuracy": accuracy, "format_rate": fmt, "skipped": dict(skipped)}
-    if "original" in views:
-        base = accuracy["original"].get("overall", 0.0)
-        result["vision_reliance"] = {f"original_minus_{v}": base - accuracy[v].get("overall", 0.0)
-                                     for v in views if v != "original"}
-    return result
-
-
-def markdown_table(result: dict) -> str:
-    """avg@k accuracy (%) per task and view, plus vision reliance."""
-    views = list(result["accuracy"])
-    tasks = list(next(iter(result["accuracy"].values())).keys()) if views else []
-    lines = [f"avg@{result['k']} accuracy (%) on {result['questions']} questions", "",
-             "| task | " + " | ".join(views) + " |", "|---|" + "---|" * len(views)]
-    for task in tasks:
-        cells = [f"{100 * result['accuracy'][v].get(task, float('nan')):.1f}" for v in views]
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    for name, value in result.get("vision_reliance", {}).items():
-        lines.append(f"\nvision reliance {name.replace('_', ' ')}: {100 * value:+.1f} points")
-    return "\n".join(lines) + "\n"
+    result = tables(merge_counts([part["sums"] for part in gathered]), k, views, chance)
+    return {**result, "skipped": dict(skipped)}
 
 
 def write_results(result: dict, out_dir: str | Path) -> Path:

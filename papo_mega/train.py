@@ -443,6 +443,7 @@ def run_train(cfg: Config, *, overwrite: bool = False, allow_config_change: bool
     )
     from papo_mega.config_diff import BENIGN_TRAIN
     from papo_mega.distributed import init_job, shutdown_distributed
+    from papo_mega.eval_metrics import scalar_tags as eval_scalars
     from papo_mega.evaluate import write_results
     from papo_mega.metrics import (
         SAMPLES_PER_LOG,
@@ -450,7 +451,6 @@ def run_train(cfg: Config, *, overwrite: bool = False, allow_config_change: bool
         MetricsLogger,
         ProgressBar,
         config_banner,
-        eval_tag,
         samples_due,
         time_tag,
     )
@@ -509,8 +509,9 @@ def run_train(cfg: Config, *, overwrite: bool = False, allow_config_change: bool
                 write_results(result, Path(cfg.run.run_dir) / "eval" / f"step_{done:06d}")
                 acc = result["accuracy"]
                 bar.write(f"[papo-mega] eval after {done} steps (avg@{result['k']}, {result['questions']} questions): "
-                          + "  ".join(f"{v} {acc[v].get('overall', 0.0):.3f}" for v in acc) + f"  ({clock():.0f} s)")
-            return {eval_tag(view): acc.get("overall", 0.0) for view, acc in result["accuracy"].items()}
+                          + "  ".join(f"{v} {acc[v].get('overall', 0.0):.3f} (format {result['format_rate'][v]:.2f})"
+                                      for v in acc) + f"  ({clock():.0f} s)")
+            return eval_scalars(result)
 
         if start == 0 and eval_due(cfg, 0):
             logger.log(0, evaluate(0))

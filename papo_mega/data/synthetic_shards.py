@@ -58,3 +58,11 @@ def write_synthetic_shards(out: str | Path, split: str, num: int, seed: int = 0,
     write_shards(bar, out, samples_per_shard, resume=resume, extra_manifest={"synthetic": recipe, "complete": False})
     manifest = update_manifest(out, {"complete": True})
     return sum(s["count"] for s in manifest["shards"])
+
+
+def synthetic_chance(shards: str | Path) -> dict[str, float]:
+    """{task: chance level} of a synthetic shard set (its manifest's recipe); {} for other data."""
+    from papo_mega.data.synthetic import chance_level
+
+    recipe = read_manifest(shards).get("synthetic") or {}
+    return {task: chance_level(task, recipe.get("difficulty", "easy")) for task in recipe.get("tasks", [])}

@@ -34,6 +34,8 @@ def test_demo_runs_every_stage_then_resumes_without_redoing_them(tmp_path, capfd
     assert [row["step"] for row in history] == [0, 2]
     assert summary["before_rl"] == history[0] and summary["after_rl"] == history[-1]
     assert all(0.0 <= row[v] <= 1.0 for row in history for v in ("original", "masked", "blank"))
+    assert all(0.0 <= row["format"][v] <= 1.0 for row in history for v in ("original", "masked", "blank"))
+    assert summary["seed"] == 1234 and summary["threads_per_process"] >= 1
     out, err = capfd.readouterr()
     assert "eval after 0 steps (avg@1, 4 questions)" in out + err  # a total over both ranks
     assert "before RL" in out
@@ -74,12 +76,30 @@ def test_demo_without_eval_shards_is_a_one_line_error(tmp_path):
         run_demo(_plan(tmp_path, "data.eval_shards="))
 
 
-def test_summary_text_names_views_and_locations():
-    row = {"step": 0, "original": 0.5, "masked": 0.3, "blank": 0.1}
-    text = format_summary({"tasks": ["compare_size"], "questions": 10, "k": 4, "rl_steps": 8,
-                           "before_rl": row, "after_rl": {**row, "step": 8, "original": 0.7},
-                           "vision_reliance": {"before_rl": 0.4, "after_rl": 0.6}, "wall_s": 300.0,
+def _row(step, original, fmt_blank, wf_blank, reliance):
+    return {"step": step, "original": original, "masked": 0.3, "blank": 0.1,
+            "format": {"original": 1.0, "masked": 0.9, "blank": fmt_blank},
+            "wellformed": {"original": original, "masked": 0.33, "blank": wf_blank},
+            "reliance": {"masked": 0.2, "blank": reliance}, "chance": 0.5}
+
+
+def test_summary_text_names_views_format_and_locations():
+    before, after = _row(0, 0.5, 0.02, None, None), _row(8, 0.7, 0.9, 0.5, 0.2)
+    text = format_summary({"tasks": ["compare_size"], "questions": 10, "k": 4, "rl_steps": 8, "seed": 3,
+                           "before_rl": before, "after_rl": after,
+                           "vision_reliance": {"before_rl": None, "after_rl": 0.2}, "wall_s": 300.0,
                            "stage_s": {"shards": 4.0, "sft": 60.0, "rl": 230.0}, "peak_memory_gb": 1.5, "nproc": 2,
                            "tensorboard": "runs/x/tb", "plots": "runs/x/plots"})
-    assert "0.500" in text and "0.700" in text and "+40.0 -> +60.0 points" in text
+    assert "0.500 -> 0.700 (+20.0 points)" in text and "seed 3" in text and "chance 0.500" in text
+    # The blank view lost the format before RL: no reliance figure, said so (issue 17).
+    assert "not measured (blank answers lose the format) -> +20.0 points" in text
+    assert "0.020" in text  # the blank view's format rate is shown
     assert "tensorboard --logdir runs/x/tb" in text and "5.0 min" in text
+
+
+def test_seed_gets_its_own_run_directory():
+    from papo_mega.demo import seeded_overrides
+
+    assert seeded_overrides(RECIPE, ["train.steps=2"], None) == ["train.steps=2"]
+    assert seeded_overrides(RECIPE, [], 3) == ["train.seed=3", "run.run_dir=runs/tiny_cpu_seed3"]
+    assert seeded_overrides(RECIPE, ["run.run_dir=/x"], 3) == ["run.run_dir=/x", "train.seed=3"]

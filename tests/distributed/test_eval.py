@@ -54,8 +54,13 @@ def test_eval_writes_tables_for_every_view_and_task(model_and_data):
     for view in result["accuracy"].values():
         assert all(0.0 <= acc <= 1.0 for acc in view.values())
     assert set(result["vision_reliance"]) == {"original_minus_masked", "original_minus_blank"}
+    assert set(result["format"]) == set(result["wellformed_accuracy"]) == {"original", "masked", "blank"}
+    # Chance levels come from the synthetic set's manifest (issue 17: the baseline next to accuracy).
+    from papo_mega.data.synthetic import chance_level
+    assert all(result["chance"][t] == chance_level(t) for t in tasks if t != "overall")
+    assert 0 < result["chance"]["overall"] < 1
     table = (root / "out" / "eval.md").read_text()
-    assert "avg@2" in table and "| overall |" in table
+    assert "avg@2" in table and "| overall |" in table and "acc if well-formed" in table
 
 
 def test_eval_bad_data_path_is_one_line(model_and_data, tmp_path):
