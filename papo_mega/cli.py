@@ -7,6 +7,7 @@
     papo-mega sft examples/tiny_cpu.yaml                         # supervised warm start
     papo-mega eval --ckpt MODEL_DIR --data SHARDS --k 8          # avg@k and vision reliance
     papo-mega plot RUN_DIR                                       # PNG curves of a run
+    papo-mega sweep tiny_cpu --algos grpo,papo_g --seeds 0,1,2   # the replication matrix, results table, plots
     papo-mega plan --model qwen2.5-vl-72b --gpus 32              # memory and step time per layout
 
 User mistakes (PapoError) print one line naming the problem and the fix and exit with 2.
@@ -99,6 +100,17 @@ def _cmd_plot(args) -> int:
 
     for path in plot_run(args.run_dir):
         print(path)
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    """The replication matrix from one recipe, resumable, with a results table and plots (sweep.py)."""
+    from papo_mega.sweep import SweepPlan, parse_algos, parse_seeds, run_sweep
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    run_sweep(SweepPlan(args.config, parse_algos(args.algos), parse_seeds(args.seeds), out=args.out or "",
+                        nproc=args.nproc, sft=args.sft, tasks=tasks, train_samples=args.train_samples,
+                        test_samples=args.test_samples, overrides=list(args.overrides)))
     return 0
 
 
@@ -225,6 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="PNG curves of a run's metrics into RUN_DIR/plots")
     plot.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
     plot.set_defaults(func=_cmd_plot)
+
+    sweep = sub.add_parser("sweep", help="GRPO / PAPO-G / DAPO / PAPO-D over seeds from one recipe: table and plots")
+    sweep.add_argument("config", help="YAML recipe or shipped recipe name, e.g. tiny_cpu")
+    sweep.add_argument("--algos", default="grpo,papo_g,dapo,papo_d", help="comma-separated (default all four)")
+    sweep.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values (default 0,1,2)")
+    sweep.add_argument("--out", default=None, help="output directory (default runs/sweep_<recipe name>)")
+    sweep.add_argument("--nproc", type=int, default=2, help="local processes per run (default 2, data parallel)")
+    sweep.add_argument("--sft", default="auto", choices=("auto", "yes", "no"),
+                       help="one SFT warm start per seed shared by its runs (auto: when the recipe has sft: "
+                            "and no algo.init_from)")
+    sweep.add_argument("--tasks", default=None, help="synthetic tasks to write to OUT/data, e.g. count,compare_size "
+                       "(default: the recipe's shards if they exist, else the demo's task)")
+    sweep.add_argument("--train-samples", type=int, default=4000, help="synthetic training samples (default 4000)")
+    sweep.add_argument("--test-samples", type=int, default=200, help="synthetic held-out samples (default 200)")
+    sweep.add_argument("overrides", nargs="*", help="dotted overrides for every run; ALGO:key=value for one algorithm")
+    sweep.set_defaults(func=_cmd_sweep)
 
     plan = sub.add_parser("plan", help="memory per GPU and estimated step time of every TP/PP/DP layout")
     plan.add_argument("--model", required=True, help="preset: qwen2.5-vl-3b | 7b | 32b | 72b | tiny")
