@@ -224,8 +224,14 @@ def _launch(run: SweepRun, plan: SweepPlan, log: Path) -> None:
             for line in proc.stdout:
                 sys.stdout.write(line)
                 sink.write(line)
-        finally:
-            code = proc.wait()
+        except KeyboardInterrupt:  # the launch got the same Ctrl-C: it stops at its own pace, checkpoint first
+            proc.wait()
+            raise
+        except BaseException:  # anything else (a test's time limit): no launch outlives the sweep
+            proc.kill()
+            proc.wait()
+            raise
+        code = proc.wait()
     if code != 0:
         raise PapoError(f"sweep run {run.name} failed (exit {code}); its log is {log}; fix the error there and "
                         f"{RERUN}")

@@ -5,6 +5,7 @@ sweep_report.py). The real end-to-end sweep: tests/distributed/test_sweep.py."""
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -244,6 +245,25 @@ def test_a_failing_run_names_itself_its_log_and_the_rerun(tmp_path, monkeypatch,
     assert str(err.value) == (f"sweep run grpo_s0 failed (exit 3); its log is {log}; fix the error there and "
                               f"{sweep.RERUN}")
     assert "boom in the run" in log.read_text() and "boom in the run" in capsys.readouterr().out
+
+
+def test_an_error_in_the_sweep_ends_its_launch(tmp_path, monkeypatch):
+    """No launch outlives the sweep: an exception while relaying its output kills it."""
+    pid_file = tmp_path / "pid"
+    child = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); print('started', flush=True); "
+             "time.sleep(600)")
+    monkeypatch.setattr(sweep, "torchrun_command", lambda *a: ([sys.executable, "-c", child], None))
+
+    class BrokenConsole:
+        def write(self, text):
+            raise RuntimeError("console gone")
+
+    monkeypatch.setattr(sys, "stdout", BrokenConsole())
+    run = plan_runs(tmp_path, ["grpo"], [0], False, [], {})[0]
+    with pytest.raises(RuntimeError, match="console gone"):
+        sweep._launch(run, _plan(tmp_path), tmp_path / "log")
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(int(pid_file.read_text()), 0)
 
 
 def test_a_bad_layout_fails_before_any_launch(tmp_path, monkeypatch):
