@@ -188,6 +188,13 @@ def _data_overrides(cfg: Config, plan: SweepPlan, out: Path) -> tuple[list[str],
     return [f"data.train_shards={sets[0][0]}", f"data.eval_shards={sets[1][0]}"], sets
 
 
+def _data_line(cfg: Config, plan: SweepPlan, sets, tasks: Sequence[str]) -> str:
+    if not sets:
+        return f"from the recipe: {cfg.data.train_shards} (train), {cfg.data.eval_shards} (held out)"
+    why = "--tasks" if plan.tasks is not None else "the recipe's data.train_shards / eval_shards are unset or missing"
+    return f"synthetic ({', '.join(tasks)}) in {sets[0][0].parent}, because of {why}"
+
+
 def _write_shards(sets: Sequence[tuple[Path, str, int]], tasks: Sequence[str]) -> None:
     from papo_mega.data.synthetic_shards import is_complete, synthetic_recipe, write_synthetic_shards
 
@@ -290,6 +297,7 @@ def run_sweep(plan: SweepPlan) -> dict:
         from papo_mega.data.synthetic import check_tasks
 
         check_tasks(tasks)
+    print(f"[papo-mega] sweep: data {_data_line(base, plan, sets, tasks)}", flush=True)
     runs = plan_runs(out, plan.algos, plan.seeds, wants_sft(base, plan.sft), [*common, *data], per_algo)
     cfgs = _checked_configs(plan, runs)
     for algo in plan.algos:

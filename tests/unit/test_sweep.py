@@ -221,7 +221,8 @@ def test_sweep_runs_what_is_missing_then_reports(tmp_path, monkeypatch, capsys):
     assert "6 runs (2 SFT + 4 RL), 1 finished, 5 to run" in printed
     assert "grpo_s0 already finished, skipped" in printed
     assert "papo_g: loss.kl_coef=0.01 loss.clip_high=0.3 loss.prcp_coef=0.02" in printed
-    assert (out / "data" / "train" / "manifest.json").is_file()  # the recipe's shards are absent: synthetic
+    assert (out / "data" / "train" / "manifest.json").is_file()
+    assert f"data synthetic (count) in {out / 'data'}, because of --tasks" in printed
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     assert set(results["effects"]) == {"papo_g-grpo"} and results["tasks"] == ["count"]
     assert (out / "results.md").read_text().count("| grpo | count |") >= 2
@@ -233,6 +234,27 @@ def test_sweep_runs_what_is_missing_then_reports(tmp_path, monkeypatch, capsys):
     assert calls == []  # everything finished: nothing launched
     printed = capsys.readouterr().out
     assert printed.count("already finished, skipped") == 6 and "estimated 0.0 min more" in printed
+
+
+def test_the_recipes_shards_are_used_when_they_exist(tmp_path, monkeypatch, capsys):
+    launched = []
+    record = _fake_launch([])
+    monkeypatch.setattr(sweep, "_launch", lambda run, plan, log: (launched.append(run), record(run, plan, log)))
+    shards = [tmp_path / "train", tmp_path / "test"]
+    given = [*SMALL, f"data.train_shards={shards[0]}", f"data.eval_shards={shards[1]}"]
+    run_sweep(_plan(tmp_path, overrides=given, sft="no"))  # they do not exist: synthetic, in OUT/data
+    assert "because of the recipe's data.train_shards" in capsys.readouterr().out
+    trained_on = {load_config(RECIPE, list(r.overrides)).data.train_shards for r in launched}
+    assert trained_on == {str(tmp_path / "sweep" / "data" / "train")}
+    for path in shards:
+        path.mkdir()
+    launched.clear()
+    plan = _plan(tmp_path, overrides=given, sft="no")
+    plan.out = str(tmp_path / "second")
+    run_sweep(plan)
+    assert f"data from the recipe: {shards[0]} (train)" in capsys.readouterr().out
+    assert {load_config(RECIPE, list(r.overrides)).data.train_shards for r in launched} == {str(shards[0])}
+    assert not (tmp_path / "second" / "data").exists()
 
 
 def test_a_failing_run_names_itself_its_log_and_the_rerun(tmp_path, monkeypatch, capsys):
