@@ -233,6 +233,12 @@ class LossConfig:
     entropy_estimator: str = _f("sampled", "Entropy for the penalties: sampled (-log p of the sampled token, reference code) | full (whole vocabulary).")
     masked_grad: bool = _f(False, "false: masked log-probs from the no-grad old-policy forward (reference code); true: both views get gradient (paper).")
     temperature: float = _f(1.0, "Log-probs are of logits / temperature (the rollout temperature).")
+    aggregation: str = _f("global_token_mean", "global_token_mean: every response token of an update weighs the same "
+                                               "| microbatch_token_mean: the mean of each micro-batch's token mean (reference code).")
+    prcp_schedule: str = _f("constant", "constant | linear: prcp_coef -> prcp_end_coef over the first prcp_anneal_fraction "
+                                        "of train.steps, both entropy coefficients scaled alike (reference code's annealing).")
+    prcp_end_coef: float = _f(0.0, "linear schedule: the KL_prcp weight reached after the anneal, then held.")
+    prcp_anneal_fraction: float = _f(0.5, "linear schedule: the fraction of train.steps the anneal takes, in (0, 1].")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.clip_low < 1.0 or self.clip_high < 0.0:
@@ -250,6 +256,21 @@ class LossConfig:
             raise ConfigError(f"loss.prcp_clip={self.prcp_clip} must be > 0 or null for off")
         if self.temperature <= 0:
             raise ConfigError(f"loss.temperature={self.temperature} must be > 0")
+        self._check_aggregation_and_schedule()
+
+    def _check_aggregation_and_schedule(self) -> None:
+        if self.aggregation not in ("global_token_mean", "microbatch_token_mean"):
+            raise ConfigError(f"loss.aggregation={self.aggregation!r} is not one of global_token_mean | microbatch_token_mean")
+        if self.prcp_schedule not in ("constant", "linear"):
+            raise ConfigError(f"loss.prcp_schedule={self.prcp_schedule!r} is not one of constant | linear")
+        if self.prcp_end_coef < 0:
+            raise ConfigError(f"loss.prcp_end_coef={self.prcp_end_coef} must be >= 0 (the sign of each term is fixed by PAPO)")
+        if not 0.0 < self.prcp_anneal_fraction <= 1.0:
+            raise ConfigError(f"loss.prcp_anneal_fraction={self.prcp_anneal_fraction} must be in (0, 1]")
+        if self.prcp_schedule == "linear" and self.prcp_coef <= 0:
+            # The entropy weights scale by coef / prcp_coef, as the reference's do: undefined at 0.
+            raise ConfigError(f"loss.prcp_schedule=linear anneals from loss.prcp_coef={self.prcp_coef}; set prcp_coef > 0 "
+                              f"or use loss.prcp_schedule=constant")
 
     @property
     def needs_masked_view(self) -> bool:

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from papo_mega.algo.advantage import dynamic_sampling_keep, grpo_advantages
+from papo_mega.algo.losses import loss_config_at
 from papo_mega.algo.policy import attach_old_logprobs, compute_logprobs, papo_forward_backward
 from papo_mega.config import Config, config_to_dict, save_config
 from papo_mega.data.image import BadImage
@@ -303,9 +304,10 @@ class PapoTrainer:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank takes the same decision
         return bad.item() == 0.0  # the one host sync
 
-    def _update(self, batches: list[PolicyMicroBatch]) -> list[dict]:
+    def _update(self, batches: list[PolicyMicroBatch], step: int) -> list[dict]:
         """PPO epochs x updates of global_batch_size responses; one metrics dict per update."""
         cfg = self.cfg
+        loss_cfg = loss_config_at(cfg.loss, step, cfg.train.steps)  # loss.prcp_schedule at this step
         per_update = cfg.train.global_batch_size // self.groups.layout.dp_size // cfg.train.micro_batch_size
         updates = []
         for _ in range(cfg.train.ppo_epochs):
@@ -313,7 +315,7 @@ class PapoTrainer:
                 for chunk in self.chunks:
                     chunk.zero_grad_buffer()
                 self.optimizer.zero_grad()
-                metrics = papo_forward_backward(self.chunks, self.groups, batches[lo : lo + per_update], cfg.loss)
+                metrics = papo_forward_backward(self.chunks, self.groups, batches[lo : lo + per_update], loss_cfg)
                 if not (math.isfinite(metrics["loss"]) and self._grads_finite()):
                     self.counters["skipped_updates"] += 1
                     updates.append({"update_ok": False})
@@ -356,7 +358,7 @@ class PapoTrainer:
         batches = self._policy_batches(groups, advantages)
         times["logprobs"] = clock()
         clock = _timer()
-        update = self._update(batches)
+        update = self._update(batches, step)
         times["update"] = clock()
         if self.counters["nonfinite_streak"] >= cfg.train.nonfinite_patience:
             raise PapoError(f"{self.counters['nonfinite_streak']} steps in a row had a NaN/inf loss or gradient "

@@ -12,17 +12,25 @@ and loss = sum_t loss_t * mask_t / num_tokens. Passing the global response-token
 rank equal the token mean of the whole global batch; every metric is normalised the same way, so
 metrics add up the same way (keys ending in `_max` / `_min` reduce with max / min instead).
 
+`loss.aggregation=microbatch_token_mean` (the reference code's) passes each micro-batch's own
+token count times the update's micro-batch count instead (reduction.token_normaliser): the sums
+then give the mean of the micro-batch token means, metrics included.
+
 Nothing here detaches an input: whether the masked branch gets gradient is the caller's choice.
+`loss_config_at` gives the coefficients in force at a training step (loss.prcp_schedule).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
 from papo_mega.config import LossConfig
 from papo_mega.errors import PapoError
 
-__all__ = ["LossConfig", "LossInputError", "compute_papo_loss", "kl_estimate", "policy_surrogate"]
+__all__ = ["LossConfig", "LossInputError", "compute_papo_loss", "kl_estimate", "loss_config_at", "policy_surrogate",
+           "scheduled_prcp_coef"]
 
 LOG_RATIO_CLAMP = 20.0
 """|logp - old_logp| is clamped before exp (verl / EasyR1): one wild token cannot overflow the ratio."""
@@ -32,6 +40,32 @@ K3_CLAMP = 10.0
 
 class LossInputError(PapoError):
     """A loss input with the wrong shape, dtype or non-finite values."""
+
+
+def scheduled_prcp_coef(cfg: LossConfig, step: int, total_steps: int) -> float:
+    """The KL_prcp weight at 0-based training step `step` of `total_steps` (loss.prcp_schedule).
+
+    linear is the reference code's "annealing" controller: read once per training step (rollout
+    batch, not per optimizer update), starting at prcp_coef at step 0 and moving by 1/span a step,
+    span = max(1, int(total_steps * prcp_anneal_fraction)), held at prcp_end_coef from step span on.
+    A pure function of the step, so a resumed run continues the schedule where it stopped.
+    """
+    if cfg.prcp_schedule == "constant":
+        return cfg.prcp_coef
+    span = max(1, int(total_steps * cfg.prcp_anneal_fraction))
+    progress = min(step / span, 1.0)
+    return cfg.prcp_coef + (cfg.prcp_end_coef - cfg.prcp_coef) * progress
+
+
+def loss_config_at(cfg: LossConfig, step: int, total_steps: int) -> LossConfig:
+    """The constant loss config in force at `step`: the scheduled prcp_coef, and both entropy
+    coefficients scaled by scheduled / initial prcp_coef, as the reference scales them."""
+    if cfg.prcp_schedule == "constant":
+        return cfg
+    coef = scheduled_prcp_coef(cfg, step, total_steps)
+    scale = coef / cfg.prcp_coef  # prcp_coef > 0 under a linear schedule (LossConfig checks)
+    return replace(cfg, prcp_schedule="constant", prcp_coef=coef, entropy_coef=cfg.entropy_coef * scale,
+                   masked_entropy_coef=cfg.masked_entropy_coef * scale)
 
 
 def kl_estimate(logp: torch.Tensor, logq: torch.Tensor, estimator: str) -> torch.Tensor:

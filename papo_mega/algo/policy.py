@@ -5,11 +5,13 @@
 - `papo_forward_backward`: the training forward/backward with the PAPO loss on the last stage;
   with masked_grad the masked rows ride along in the same forward and get gradient.
 
-Token-mean normalisation: the step's global response-token count N is computed once (all
-micro-batches, all DP ranks) and handed to compute_papo_loss, so each micro-batch's loss is
-(its token sum) / N. megatron's per-token contract (calculate_per_token_loss) then divides the
-gradients by the token counts we report, summed over micro-batches and DP - also N - so we hand
-it loss * N. The result is the gradient of one token mean over the whole global batch.
+Token-mean normalisation: the update's response-token count N and micro-batch count M are
+computed once (all micro-batches, all DP ranks); each micro-batch's loss is its token sum over
+reduction.token_normaliser - N (loss.aggregation=global_token_mean: one token mean over the whole
+update) or its own count times M (microbatch_token_mean: the mean of micro-batch token means).
+megatron's per-token contract (calculate_per_token_loss) then divides the gradients by the token
+counts we report, summed over micro-batches and DP - N - so we hand it loss * N in either mode.
+The result is the gradient of the update's loss as one process would compute it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from papo_mega.algo.logprobs import vocab_parallel_logprobs
 from papo_mega.algo.losses import compute_papo_loss
-from papo_mega.algo.reduction import count_response_tokens, reduce_metrics
+from papo_mega.algo.reduction import count_update, reduce_metrics, token_normaliser
 from papo_mega.algo.views import MASKED, ORIGINAL, split_views, stack_views
 from papo_mega.config import LossConfig
 from papo_mega.distributed.runtime import ParallelGroups
@@ -126,10 +128,11 @@ def papo_forward_backward(chunks, groups: ParallelGroups, microbatches: list[Pol
                           forward_only: bool = False) -> dict[str, float]:
     """Forward (and backward) of the PAPO loss over this rank's micro-batches; global metrics.
 
-    Gradients are left in the DDP buffers: reduced over DP and equal to the gradient of the token
-    mean over the global batch. With cfg.masked_grad the masked view is part of this forward;
-    otherwise micro-batches must carry masked_logp from `attach_old_logprobs` (when PAPO terms
-    have weight).
+    Gradients are left in the DDP buffers: reduced over DP and equal to the gradient of the
+    update's loss under cfg.aggregation. `cfg` holds the coefficients in force (a scheduled
+    prcp_coef: losses.loss_config_at); metric `loss/prcp_coef` reports it. With cfg.masked_grad
+    the masked view is part of this forward; otherwise micro-batches must carry masked_logp from
+    `attach_old_logprobs` (when PAPO terms have weight).
     """
     _check_uniform(microbatches, groups)
     if any(mb.old_logp is None for mb in microbatches):
@@ -137,7 +140,7 @@ def papo_forward_backward(chunks, groups: ParallelGroups, microbatches: list[Pol
     masked_in_forward = cfg.masked_grad and cfg.needs_masked_view
     views = (ORIGINAL, MASKED) if masked_in_forward else (ORIGINAL,)
     full_entropy = cfg.entropy_estimator == "full"
-    num_tokens = count_response_tokens([mb.response_mask for mb in microbatches], groups)
+    counts = count_update([mb.response_mask for mb in microbatches], groups)
 
     def forward_step(data_iterator, model):
         host_mb: PolicyMicroBatch = next(data_iterator)
@@ -150,18 +153,20 @@ def papo_forward_backward(chunks, groups: ParallelGroups, microbatches: list[Pol
             logp_views = split_views(logp, views)
             entropy_views = split_views(entropy, views) if full_entropy else {}
             masked_logp = logp_views.get(MASKED, mb.masked_logp)
+            local_tokens = mb.response_mask.detach().sum()
             loss, metrics = compute_papo_loss(
                 logp_views[ORIGINAL], mb.old_logp, mb.advantages, mb.response_mask, cfg,
-                masked_logp=masked_logp, ref_logp=mb.ref_logp, num_tokens=num_tokens,
+                masked_logp=masked_logp, ref_logp=mb.ref_logp,
+                num_tokens=token_normaliser(cfg.aggregation, local_tokens, counts),
                 entropy=entropy_views.get(ORIGINAL),
                 masked_entropy=entropy_views.get(MASKED, mb.masked_entropy),
             )
-            local_tokens = mb.response_mask.detach().sum().to(torch.int)
-            return loss * num_tokens, local_tokens, metrics
+            return loss * counts.tokens, local_tokens.to(torch.int), metrics
 
         return logits, loss_func
 
     reports = _run_schedule(chunks, microbatches, forward_step, forward_only, rows_per_sequence=len(views))
     metrics = reduce_metrics(list(reports), groups)
-    metrics["num_tokens"] = float(num_tokens)
+    metrics["num_tokens"] = float(counts.tokens)
+    metrics["loss/prcp_coef"] = cfg.prcp_coef
     return metrics

@@ -2,7 +2,9 @@
 
 The naive reference shares only the model weights with the code under test: it stacks the two
 views by hand, takes a full-vocabulary log_softmax and writes the PAPO objective out term by
-term (papo.md), then calls backward on the token mean over the whole batch.
+term (papo.md), then calls backward on the loss of the whole batch aggregated as
+loss.aggregation says: one token mean, or the mean of the token means of consecutive groups of
+`micro_batch_size` sequences (the layout's micro-batches, rank-major over DP).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from papo_mega.algo.reduction import UpdateCounts
 from papo_mega.config import LossConfig, load_config
 from papo_mega.convert.parity import build_probe_inputs
 from papo_mega.distributed import init_distributed
@@ -22,8 +25,10 @@ GLOBAL_SEQUENCES = 8
 MODEL_SEED = 11
 
 
-def papo_batch(model_cfg, vision_cfg) -> list[PolicyMicroBatch]:
-    """8 one-sequence pieces (text + image), equal length, with responses, advantages, masked pixels."""
+def papo_batch(model_cfg, vision_cfg, uneven: bool = False) -> list[PolicyMicroBatch]:
+    """8 one-sequence pieces (text + image), equal length, with responses, advantages, masked pixels.
+
+    uneven: piece i's response loses its first i % 4 tokens, so consecutive pairs differ in token count."""
     gen = torch.Generator().manual_seed(2024)
     pieces = []
     for probe_seed in range(GLOBAL_SEQUENCES // 2):
@@ -38,6 +43,8 @@ def papo_batch(model_cfg, vision_cfg) -> list[PolicyMicroBatch]:
             after_image = torch.cumsum(ids == model_cfg.vision_end_token_id, dim=1) > 0
             response = (after_image & torch.roll(real, -1, dims=1)).float()
             response[:, -1] = 0
+            if uneven:
+                response[0, response[0].nonzero()[: len(pieces) % 4, 0]] = 0
             pixels = probe.pixel_values[start : start + patches[row]]
             keep = (torch.rand(pixels.shape[0], 1, generator=gen) > 0.6).float()
             pieces.append(PolicyMicroBatch(
@@ -74,24 +81,25 @@ def _loss_config(overrides: dict) -> LossConfig:
     return LossConfig(**{**base, **overrides})
 
 
-def layout_papo_grads(layout: dict, loss_overrides: dict, micro_batch_size: int, breakage: str | None = None):
+def layout_papo_grads(layout: dict, loss_overrides: dict, micro_batch_size: int, breakage: str | None = None,
+                      uneven: bool = False):
     """Our path: DDP chunks at `layout`, old/masked log-probs from one no-grad forward, PAPO update.
 
     breakage="local_token_count" normalises by this rank's tokens only (no DP all-reduce), to show
-    the test catches a wrong reduction.
+    the test catches a wrong reduction. uneven: papo_batch's responses of unequal lengths.
     """
     from papo_mega.algo import policy
     from papo_mega.algo.policy import attach_old_logprobs, papo_forward_backward
 
     if breakage == "local_token_count":
-        policy.count_response_tokens = lambda masks, groups: int(sum(m.sum().item() for m in masks))
+        policy.count_update = lambda masks, groups: UpdateCounts(int(sum(m.sum().item() for m in masks)), len(masks))
 
     cfg = load_config(None, ["preset=tiny"])
     loss_cfg = _loss_config(loss_overrides)
     groups = init_distributed(layout, seed=1234)
     chunks = wrap_ddp(build_model_chunks(cfg.model, cfg.vision, groups, seed=MODEL_SEED), groups, use_distributed_optimizer=False)
     attach_grad_finalisation(chunks)
-    pieces = papo_batch(cfg.model, cfg.vision)
+    pieces = papo_batch(cfg.model, cfg.vision, uneven)
     per_rank = GLOBAL_SEQUENCES // groups.layout.dp_size
     mine = pieces[groups.dp_rank * per_rank : (groups.dp_rank + 1) * per_rank]
     microbatches = [_concat(mine[i : i + micro_batch_size]).to(groups.device) for i in range(0, per_rank, micro_batch_size)]
@@ -141,16 +149,28 @@ def _naive_objective(logp, old, adv, mask, cfg: LossConfig, masked_logp, ref_log
         entropy, masked_entropy = -logp, -masked_logp
     per_token = (surrogate + cfg.kl_coef * kl_ref - cfg.prcp_coef * prcp
                  + cfg.entropy_coef * entropy + cfg.masked_entropy_coef * masked_entropy)
-    return (per_token * mask).sum() / mask.sum(), (_naive_k3(logp, masked_logp) * mask).sum() / mask.sum()
+    return per_token, _naive_k3(logp, masked_logp)
 
 
-def naive_papo_grads(loss_overrides: dict):
-    """One process, no schedules, no DDP: the whole batch, full logits, the objective by hand."""
+def _naive_mean(values, mask, aggregation: str, micro_batch_size: int | None):
+    """The batch's token mean, or the mean over micro-batches of consecutive rows of each one's token mean."""
+    if aggregation == "global_token_mean":
+        return (values * mask).sum() / mask.sum()
+    rows = range(0, len(mask), micro_batch_size)
+    return torch.stack([(values[r : r + micro_batch_size] * mask[r : r + micro_batch_size]).sum()
+                        / mask[r : r + micro_batch_size].sum() for r in rows]).mean()
+
+
+def naive_papo_grads(loss_overrides: dict, micro_batch_size: int | None = None, uneven: bool = False):
+    """One process, no schedules, no DDP: the whole batch, full logits, the objective by hand.
+
+    `micro_batch_size`: the layout's, for loss.aggregation=microbatch_token_mean; `uneven`: as
+    papo_batch. Also returns the global token mean of the same per-token loss, to compare modes."""
     cfg = load_config(None, ["preset=tiny"])
     loss_cfg = _loss_config(loss_overrides)
     groups = init_distributed({}, seed=1234)
     chunk = build_model_chunks(cfg.model, cfg.vision, groups, seed=MODEL_SEED)[0]
-    batch = _concat(papo_batch(cfg.model, cfg.vision))
+    batch = _concat(papo_batch(cfg.model, cfg.vision, uneven))
     vocab, temp = cfg.model.vocab_size, loss_cfg.temperature
 
     def forward(pixels):
@@ -170,10 +190,16 @@ def naive_papo_grads(loss_overrides: dict):
         masked_logp, masked_entropy = _naive_logprobs(forward(batch.masked_pixel_values), batch.targets, temp)
     else:
         masked_logp, masked_entropy = old_masked, old_masked_entropy
-    loss, kl_prcp = _naive_objective(logp, old, batch.advantages, batch.response_mask, loss_cfg,
-                                     masked_logp, ref, entropy, masked_entropy)
+    per_token, kl_prcp = _naive_objective(logp, old, batch.advantages, batch.response_mask, loss_cfg,
+                                          masked_logp, ref, entropy, masked_entropy)
+    mask = batch.response_mask
+    loss = _naive_mean(per_token, mask, loss_cfg.aggregation, micro_batch_size)
+    global_loss = _naive_mean(per_token.detach(), mask, "global_token_mean", None)
+    kl_prcp = _naive_mean(kl_prcp, mask, loss_cfg.aggregation, micro_batch_size)
     loss.backward()
     for param in chunk.parameters():
         param.main_grad = param.grad if param.grad is not None else torch.zeros_like(param)
     grads = gather_full_tensors([chunk], groups, kind="grad")
-    return {"loss": loss.item(), "kl_prcp": kl_prcp.item(), "grads": grads}
+    tokens = [] if micro_batch_size is None else mask.view(-1, micro_batch_size, mask.shape[1]).sum((1, 2)).tolist()
+    return {"loss": loss.item(), "kl_prcp": kl_prcp.item(), "grads": grads, "microbatch_tokens": tokens,
+            "global_token_mean_loss": global_loss.item()}

@@ -3,7 +3,8 @@
 Reference: a naive single process (algo_workers.naive_papo_grads) - full-vocabulary log_softmax,
 the objective written out term by term, one backward over the whole batch. Under test: our
 vocab-parallel log-probs, two-view batching, micro-batching, global token normalisation and
-megatron's schedules at TP2, PP2 (several micro-batches), DP2 and TP2xPP2.
+megatron's schedules at TP2, PP2 (several micro-batches), DP2 and TP2xPP2; and
+loss.aggregation=microbatch_token_mean (the reference's mean of micro-batch token means) at DP2.
 """
 
 import pytest
@@ -29,12 +30,17 @@ CONFIGS = {
     "detached_masked": {},  # reference-code behaviour: masked log-probs from the no-grad forward
     "masked_grad_full_entropy": {"masked_grad": True, "entropy_estimator": "full", "kl_estimator": "k2",
                                  "prcp_clip": 0.05, "temperature": 0.7},
+    "microbatch_token_mean": {"aggregation": "microbatch_token_mean"},
 }
+# microbatch_token_mean's naive reference: the micro-batch size of dp2_two_microbatches, and
+# responses of unequal lengths (papo_batch's are all 6 tokens long: the modes would coincide).
+NAIVE_EXTRA = {"microbatch_token_mean": (2, True)}
 
 
 @pytest.fixture(scope="module")
 def naive():
-    return {name: run_distributed(naive_papo_grads, 1, args=(cfg,))[0] for name, cfg in CONFIGS.items()}
+    return {name: run_distributed(naive_papo_grads, 1, args=(cfg, *NAIVE_EXTRA.get(name, ())))[0]
+            for name, cfg in CONFIGS.items()}
 
 
 def _check(out, ref, what):
@@ -72,3 +78,14 @@ def test_wrong_token_normalisation_is_caught(naive):
     out = run_distributed(layout_papo_grads, world, args=(layout, CONFIGS["detached_masked"], mbs, "local_token_count"))[0]
     with pytest.raises(AssertionError):
         _check(out, naive["detached_masked"], "dp2 with a local token count")
+
+
+def test_microbatch_token_mean_at_dp2_matches_its_naive_reference(naive):
+    """Four micro-batches of unequal token counts over two ranks: our DP2 run gives the naive mean of
+    micro-batch token means (loss, KL_prcp metric, gradients) and not the global token mean."""
+    layout, world, mbs = LAYOUTS["dp2_two_microbatches"]
+    ref = naive["microbatch_token_mean"]
+    assert len(set(ref["microbatch_tokens"])) > 1, "equal micro-batches: the two modes would coincide"
+    out = run_distributed(layout_papo_grads, world, args=(layout, CONFIGS["microbatch_token_mean"], mbs, None, True))[0]
+    _check(out, ref, "dp2 microbatch_token_mean")
+    assert abs(out["metrics"]["loss"] - ref["global_token_mean_loss"]) > 100 * LOSS_TOL

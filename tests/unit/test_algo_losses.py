@@ -220,10 +220,11 @@ def run_naive(cfg: LossConfig, inputs: dict, num_tokens=None):
                       ent=inputs.get("entropy"), ment=inputs.get("masked_entropy"))
 
 
-def check_against_naive(cfg: LossConfig, inputs: dict, num_tokens=None, atol=1e-10, what=""):
+def check_against_naive(cfg: LossConfig, inputs: dict, num_tokens=None, atol=1e-10, what="", naive_cfg=None):
+    """compute_papo_loss under `cfg` against the naive reference under `naive_cfg` (default: cfg)."""
     inputs = leaves(inputs)
     loss, metrics = run_loss(cfg, inputs, num_tokens)
-    want, want_grads = run_naive(cfg, inputs, num_tokens)
+    want, want_grads = run_naive(naive_cfg or cfg, inputs, num_tokens)
     assert loss.dim() == 0 and loss.requires_grad
     assert loss.item() == pytest.approx(want["loss"], abs=atol, rel=atol), f"loss {what}"
     for name, value in want.items():
