@@ -331,7 +331,7 @@ class AlgoConfig:
 
     name: str = _f("papo_g", "grpo | papo_g (GRPO + PAPO) | dapo | papo_d (DAPO + PAPO: no reference, dynamic sampling).")
     prompts_per_step: int = _f(8, "Prompts rolled out per step across all data-parallel ranks (G responses each).")
-    max_resample: int = _f(20, "DAPO: extra prompt batches drawn per step to replace all-right/all-wrong groups.")
+    max_resample: int = _f(20, "DAPO: re-sampling rounds after the first (each draws prompts_per_step prompts over all DP ranks); still short of prompts_per_step informative groups: a PapoError.")
     normalise_std: bool = _f(True, "Divide group-centred rewards by the group's std (GRPO); false: Dr. GRPO.")
     init_from: str = _f("", "Model directory to start from (SFT output or a converted HF model); '' random init.")
     eval_every: int = _f(0, "With data.eval_shards: evaluate before the first step, every this many steps and after the last (0: first and last only).")

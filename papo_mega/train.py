@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from papo_mega.algo.advantage import dynamic_sampling_keep, grpo_advantages
+from papo_mega.algo.advantage import GroupPick, dynamic_sampling_keep, fill_informative, grpo_advantages
 from papo_mega.algo.losses import loss_config_at
 from papo_mega.algo.policy import attach_old_logprobs, compute_logprobs, papo_forward_backward
 from papo_mega.config import Config, config_to_dict, save_config
@@ -257,26 +257,47 @@ class PapoTrainer:
                              reward_summary(results))
 
     def _gather_groups(self, step: int) -> tuple[RolloutGroups, dict]:
-        """This rank's share of the step's prompts, rolled out; DAPO keeps only informative groups."""
+        """This rank's share of the step's prompts, rolled out. DAPO: the first algo.prompts_per_step
+        informative groups of the whole job (bounded re-sampling, advantage.fill_informative), in the
+        order one process would pick them, dealt round-robin over DP like the stream deals samples."""
         per_rank = self.cfg.algo.prompts_per_step // self.groups.layout.dp_size
-        groups = self._rollout(self._next_prompts(per_rank, step), step, 0)
-        stats = {"dapo/kept_fraction": 1.0, "dapo/resampled": 0.0}
         if not self.cfg.algo.dynamic_sampling:
-            return groups, stats
-        n = self.cfg.rollout.n
-        kept, attempts, seen = [], 0, 0
-        while True:
-            keep = dynamic_sampling_keep(groups.accuracy, n)
-            seen += len(keep)
-            kept.extend((groups, g) for g in torch.nonzero(keep).flatten().tolist())
-            if len(kept) >= per_rank or attempts >= self.cfg.algo.max_resample:
-                break
-            attempts += 1
-            groups = self._rollout(self._next_prompts(per_rank, step), step, attempts)
-        stats = {"dapo/kept_fraction": len(kept) / max(seen, 1), "dapo/resampled": float(attempts)}
-        if not kept:  # nothing informative after every re-sample: train on the last batch (advantages 0)
-            return groups, stats
-        return _select_groups(kept[:per_rank], n), stats
+            groups = self._rollout(self._next_prompts(per_rank, step), step, 0)
+            return groups, {"dapo/kept_fraction": 1.0, "dapo/resampled": 0.0}
+        rollouts: list[RolloutGroups] = []
+
+        def draw_round(attempt: int) -> torch.Tensor:
+            rollouts.append(self._rollout(self._next_prompts(per_rank, step), step, attempt))
+            return self._keep_over_dp(rollouts[-1])
+
+        picks, rounds = fill_informative(draw_round, self.cfg.algo.prompts_per_step, self.cfg.algo.max_resample)
+        stats = {"dapo/kept_fraction": sum(float(m.sum()) for m in rounds) / sum(m.numel() for m in rounds),
+                 "dapo/resampled": float(len(rounds) - 1)}
+        return self._rebalance(rollouts, picks), stats
+
+    def _keep_over_dp(self, groups: RolloutGroups) -> torch.Tensor:
+        """[dp, per_rank] bool: every DP rank's dynamic_sampling_keep of its round, the same on all ranks."""
+        keep = dynamic_sampling_keep(groups.accuracy, self.cfg.rollout.n).to(torch.int32).to(self.groups.device)
+        table = [torch.empty_like(keep) for _ in range(self.groups.layout.dp_size)]
+        dist.all_gather(table, keep, group=self.groups.dp)
+        return torch.stack(table).bool().cpu()
+
+    def _rebalance(self, rollouts: list[RolloutGroups], picks: list[GroupPick]) -> RolloutGroups:
+        """Rank r trains picks r, r + dp, ... (ranks keep different numbers of groups; this gives each
+        the same count, and the updates the groups a single process would put in them). Groups that
+        change rank travel as objects over the DP group: one all_gather_object, skipped (on every
+        rank alike) when none moves."""
+        n, dp, me = self.cfg.rollout.n, self.groups.layout.dp_size, self.groups.dp_rank
+        moving = {k: pick for k, pick in enumerate(picks) if pick.rank != k % dp}
+        arrived: dict[int, RolloutGroups] = {}
+        if moving:
+            outgoing = {k: _select_groups([(rollouts[p.round], p.index)], n) for k, p in moving.items() if p.rank == me}
+            gathered: list[dict] = [{} for _ in range(dp)]
+            dist.all_gather_object(gathered, outgoing, group=self.groups.dp)
+            arrived = {k: g for sent in gathered for k, g in sent.items() if k % dp == me}
+        mine = [(arrived[k], 0) if k in arrived else (rollouts[picks[k].round], picks[k].index)
+                for k in range(me, len(picks), dp)]
+        return _select_groups(mine, n)
 
     # -- stage 5: one no-grad forward for old, masked and reference log-probs ----------------
     def _policy_batches(self, groups: RolloutGroups, advantages: torch.Tensor) -> list[PolicyMicroBatch]:
