@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,17 +101,26 @@ def seeded_overrides(recipe: str, overrides: list[str], seed: int | None) -> lis
     return [*overrides, *extra]
 
 
-def _launch(plan: DemoPlan, command: str, extra: list[str]) -> None:
-    """Run `papo-mega COMMAND recipe overrides extra` on plan.nproc local processes; raise on failure."""
+def torchrun_command(nproc: int, command: str, recipe: str, overrides: Sequence[str],
+                     threads: int = 0) -> tuple[list[str], dict]:
+    """`papo-mega COMMAND RECIPE overrides` on nproc local processes under torchrun: (argv,
+    environment); threads per process (OMP_NUM_THREADS), 0: the cores divided among them.
+    Used by the demo and by `papo-mega sweep`."""
     from papo_mega.distributed.launcher import find_free_port
 
-    threads = plan.threads
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.nproc}",
-           f"--master-port={find_free_port()}", "-m", "papo_mega.cli", command, plan.recipe, *plan.overrides, *extra]
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            f"--master-port={find_free_port()}", "-m", "papo_mega.cli", command, recipe, *overrides]
+    threads = threads or max(1, (os.cpu_count() or 1) // nproc)
     # megatron's notices (no TE/apex on CPU, deprecated checkpoint calls) are not actionable for a
-    # demo user; real runs keep them.
+    # demo or sweep user; real runs keep them.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LOGLEVEL": "ERROR",
            "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"}
+    return argv, env
+
+
+def _launch(plan: DemoPlan, command: str, extra: list[str]) -> None:
+    """Run `papo-mega COMMAND recipe overrides extra` on plan.nproc local processes; raise on failure."""
+    cmd, env = torchrun_command(plan.nproc, command, plan.recipe, [*plan.overrides, *extra], plan.threads)
     code = subprocess.call(cmd, env=env)
     if code != 0:
         raise PapoError(f"demo stage `{command}` failed (exit {code}); fix the error above and rerun `make demo`: "

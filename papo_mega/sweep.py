@@ -18,7 +18,6 @@ the same held-out questions for every run. The report: sweep_report.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from papo_mega.config import ALGORITHMS, Config, explicit_keys, load_config
+from papo_mega.demo import torchrun_command
 from papo_mega.errors import PapoError
 
 ALGO_SETTINGS: dict[str, dict[str, float]] = {
@@ -203,19 +203,6 @@ def _write_shards(sets: Sequence[tuple[Path, str, int]], tasks: Sequence[str]) -
             print(f"[papo-mega] sweep: writing {num} synthetic {split} samples ({', '.join(tasks)}) to {out}",
                   flush=True)
             write_synthetic_shards(out, split, num, tasks=tasks, resume=out.exists(), progress=sys.stderr.isatty())
-
-
-def torchrun_command(nproc: int, command: str, recipe: str, overrides: Sequence[str]) -> tuple[list[str], dict]:
-    """`papo-mega COMMAND RECIPE overrides` on nproc local processes: (argv, environment)."""
-    from papo_mega.distributed.launcher import find_free_port
-
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={find_free_port()}", "-m", "papo_mega.cli", command, recipe, *overrides]
-    threads = max(1, (os.cpu_count() or 1) // nproc)
-    # As the demo: megatron's notices on CPU are not actionable here.
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LOGLEVEL": "ERROR",
-           "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"}
-    return argv, env
 
 
 def _launch(run: SweepRun, plan: SweepPlan, log: Path) -> None:
