@@ -10,7 +10,9 @@ free port) and one thread, and sees no CUDA (CUDA_VISIBLE_DEVICES="", so gloo an
 unless the caller passes use_cuda=True or its own CUDA_VISIBLE_DEVICES in env: on a GPU machine
 the ranks would otherwise pick nccl and all share cuda:0. `results[rank]` is what the function returned on that rank. A worker
 exception fails the test with that rank's traceback; a hang past timeout_s fails it naming the
-ranks that never finished. Workers must be module-level functions (they are pickled by spawn).
+ranks that never finished. Workers must be module-level functions (they are pickled). Ranks fork
+from a server that has imported torch and megatron-core once (_context), not from a fresh
+interpreter each: the imports were most of a short multi-process test's time.
 `DistributedTestFailure` is an AssertionError so that pytest reports it as a test failure.
 """
 
@@ -69,13 +71,43 @@ def _worker(payload: bytes, rank: int, world_size: int, port: int, env: dict, re
             pass
 
 
+PRELOAD = ("torch", "megatron.core", "megatron.core.models.gpt")
+"""Imported once by the fork server: ~8 s of CPU per rank that a spawned rank pays again."""
+
+
+def _context(use_cuda: bool):
+    """A fork server that has imported PRELOAD (ranks fork from it with torch and megatron-core
+    loaded), or plain spawn for ranks that use CUDA or when PAPO_SPAWN=spawn.
+
+    The server is started with CUDA hidden and one OpenMP thread, so it never initialises CUDA
+    or a thread pool that a fork would copy half-made; each rank then sets its own environment
+    before it unpickles (and so imports) its function, as a spawned rank does."""
+    if use_cuda or os.environ.get("PAPO_SPAWN") == "spawn":
+        return mp.get_context("spawn")
+    from multiprocessing import forkserver
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    saved = {key: os.environ.get(key) for key in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}
+    os.environ.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    try:
+        forkserver.ensure_running()  # started once per process; later calls return at once
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return ctx
+
+
 def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 180.0, env: dict | None = None,
                     use_cuda: bool = False) -> list:
     """Run fn(*args) on world_size ranks; return the per-rank results or raise DistributedTestFailure.
 
     env is added to each rank's environment; use_cuda=True keeps the GPUs this process sees
     visible to the ranks (by default they see none)."""
-    ctx = mp.get_context("spawn")
+    ctx = _context(use_cuda)
     results = ctx.Queue()
     port = find_free_port()
     env = {**({} if use_cuda else {"CUDA_VISIBLE_DEVICES": ""}), **(env or {})}

@@ -22,6 +22,30 @@ def _hang_on_rank_zero():
     return "done"
 
 
+def _parent_and_threads():
+    import torch
+
+    return {"parent": os.getppid(), "threads": torch.get_num_threads(), "cuda": os.environ["CUDA_VISIBLE_DEVICES"]}
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_ranks_fork_from_the_preloaded_server_unless_told_to_spawn(method, monkeypatch):
+    """Ranks start from the fork server that imported torch and megatron-core (their parent is that
+    server, not this process), with one thread and no CUDA as spawned ranks have; PAPO_SPAWN=spawn
+    (and use_cuda=True, checked on _context directly) give plain spawned children of this process."""
+    from papo_mega.distributed import spawn
+
+    monkeypatch.setenv("PAPO_SPAWN", method)
+    out = run_distributed(_parent_and_threads, 2, timeout_s=180)
+    assert [o["threads"] for o in out] == [1, 1] and [o["cuda"] for o in out] == ["", ""]
+    parents = {o["parent"] for o in out}
+    if method == "spawn":
+        assert parents == {os.getpid()}
+    else:
+        assert len(parents) == 1 and os.getpid() not in parents, "ranks were not forked from the server"
+    assert spawn._context(use_cuda=True).get_start_method() == "spawn"
+
+
 def test_worker_exception_shows_rank_and_traceback():
     with pytest.raises(DistributedTestFailure, match=r"(?s)rank 1 of 2.*ValueError: boom on purpose"):
         # Generous: under a loaded machine spawning two ranks and importing torch can take a minute.
