@@ -372,12 +372,17 @@ class SFTConfig:
     micro_batch_size: int = _f(8, "Sequences per micro-batch on one data-parallel rank.")
     global_batch_size: int = _f(32, "Sequences per optimizer step across data-parallel ranks.")
     out: str = _f("", "Model directory to write (default RUN_DIR/sft).")
+    blank_fraction: float = _f(0.0, "Share of samples shown with a blank image and their true answer: the model "
+                                    "learns to keep the answer format and answer at the prior (chance) without "
+                                    "the image, so vision reliance stays measurable (docs/sft.md).")
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.micro_batch_size < 1 or self.global_batch_size % self.micro_batch_size:
             raise ConfigError("sft.steps >= 1 and sft.global_batch_size a multiple of sft.micro_batch_size")
         if not self.lr > 0:
             raise ConfigError(f"sft.lr={self.lr} must be > 0")
+        if not 0.0 <= self.blank_fraction < 1.0:
+            raise ConfigError(f"sft.blank_fraction={self.blank_fraction} must be in [0, 1): a share of the samples")
 
 
 @dataclass

@@ -16,6 +16,7 @@ writes a model directory that `papo-mega eval` and RL training (`algo.init_from`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -65,18 +66,33 @@ class Example:
     image_grid_thw: torch.Tensor
 
 
+def shows_blank(key: str, seed: int, blank_fraction: float) -> bool:
+    """Whether sample `key` is shown with a blank image: a fixed share `blank_fraction` of the
+    samples, chosen by a hash of (seed, key) - the same on every rank, layout, epoch and resume."""
+    if blank_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < blank_fraction
+
+
 def make_example(item: dict, tokenizer: Tokenizer, cfg: Config) -> Example:
-    """Stream item -> Example (original image only). Unusable samples become skips the stream counts."""
+    """Stream item -> Example: the original image, or for a share sft.blank_fraction of the samples
+    the blank view (every patch black) with the same, true answer. Trained on balanced answers, a
+    blank image then yields the prior - chance - in the right format, where a model that never saw
+    one answers nothing parseable. Unusable samples become skips the stream counts."""
+    blank = shows_blank(str(item["key"]), cfg.train.seed, cfg.sft.blank_fraction)
     try:
-        prepared = prepare_prompt(item, tokenizer, cfg.data, cfg.vision, cfg.train.seed, step=0, views=())
+        prepared = prepare_prompt(item, tokenizer, cfg.data, cfg.vision, cfg.train.seed, step=0,
+                                  views=("blank",) if blank else ())
     except (PromptTooLong, BadImage) as err:
         raise BadSample(str(err)) from None
     prompt = prepared.prompt
+    pixel_values = prepared.views["blank"] if blank else prompt.pixel_values
     target = tokenizer.encode(sft_target(prepared.answer)) + [tokenizer.eos_id]
     ids = torch.cat([prompt.input_ids, torch.tensor(target, dtype=torch.long)])
     if len(ids) > cfg.model.max_seq_len:
         raise BadSample(f"prompt + answer is {len(ids)} tokens, more than model.max_seq_len={cfg.model.max_seq_len}")
-    return Example(ids, len(prompt.input_ids), prompt.pixel_values, prompt.image_grid_thw)
+    return Example(ids, len(prompt.input_ids), pixel_values, prompt.image_grid_thw)
 
 
 def step_seq_len(examples: list[Example], model: ModelConfig) -> int:

@@ -2,7 +2,7 @@
 
 from papo_mega.distributed.spawn import DistributedTestFailure, run_distributed
 
-__all__ = ["DistributedTestFailure", "assert_tensors_close", "max_abs_diff_report", "run_distributed"]
+__all__ = ["DistributedTestFailure", "assert_tensors_close", "make_synthetic", "max_abs_diff_report", "run_distributed"]
 
 
 def max_abs_diff_report(actual: dict, expected: dict) -> tuple[float, str]:
@@ -24,3 +24,18 @@ def max_abs_diff_report(actual: dict, expected: dict) -> tuple[float, str]:
 def assert_tensors_close(actual: dict, expected: dict, atol: float, what: str) -> None:
     worst, where = max_abs_diff_report(actual, expected)
     assert worst <= atol, f"{what}: max |diff| {worst:.3g} at {where} exceeds {atol:.1g}"
+
+
+def make_synthetic(out, split: str, num: int, samples_per_shard: int = 1000, timeout_s: float = 300.0):
+    """Synthetic shards written by tools/make_synthetic.py as a user would run it (a subprocess);
+    returns `out` as a Path. A failed run fails the test with the tool's stderr."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(repo / "tools" / "make_synthetic.py"), "--split", split, "--num",
+                           str(num), "--out", str(out), "--samples-per-shard", str(samples_per_shard)],
+                          capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, f"make_synthetic.py failed: {proc.stderr[-2000:]}"
+    return Path(out)

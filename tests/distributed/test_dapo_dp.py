@@ -8,14 +8,12 @@ old code) would run a different number of rollouts and updates than its peer: a 
 the harness's timeout, or a different batch.
 """
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.distributed.dapo_workers import papo_d_step
-from tests.distributed.harness import assert_tensors_close, run_distributed
+from tests.distributed.harness import assert_tensors_close, make_synthetic, run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 LOSS_TOL = 1e-5
@@ -28,10 +26,7 @@ PARAM_TOL = LR / 10
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dapo")
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--split", "train",
-                           "--num", "48", "--out", str(root / "train"), "--samples-per-shard", "48"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    make_synthetic(root / "train", "train", 48, samples_per_shard=48)
     single = run_distributed(papo_d_step, 1, args=(str(root / "train"), str(root / "one")), timeout_s=120)
     dp2 = run_distributed(papo_d_step, 2, args=(str(root / "train"), str(root / "two")), timeout_s=120)
     return single[0], dp2

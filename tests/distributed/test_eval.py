@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.harness import run_distributed
+from tests.distributed.harness import make_synthetic, run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,9 +34,7 @@ def _run(*args, timeout=600):
 def model_and_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     run_distributed(save_tiny_model_dir, 1, args=(str(root / "model"),))
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--split", "test", "--num", "6",
-                           "--out", str(root / "data"), "--samples-per-shard", "4"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    make_synthetic(root / "data", "test", 6, samples_per_shard=4)
     return root
 
 

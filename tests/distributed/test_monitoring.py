@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from papo_mega import metrics as M
-from tests.distributed.harness import run_distributed
+from tests.distributed.harness import make_synthetic, run_distributed
 from tests.distributed.test_train import recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,10 +58,7 @@ def run(tmp_path_factory):
     """One 2-step run with evaluation and train.log_every=2: its directory, stdout and stderr."""
     root = tmp_path_factory.mktemp("monitoring")
     for split, num in (("train", 64), ("test", 4)):
-        proc = subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--split", split,
-                               "--num", str(num), "--out", str(root / split), "--samples-per-shard", "32"],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        make_synthetic(root / split, split, num, samples_per_shard=32)
     run_dir = root / "run"
     (root / "recipe.yaml").write_text("preset: tiny\n")  # the rest comes as overrides
     proc = subprocess.run([sys.executable, "-m", "papo_mega.cli", "train", str(root / "recipe.yaml"), *recipe(root), f"train.steps={STEPS}",
@@ -162,8 +159,7 @@ def crashing_worker(train_dir: str, run_dir: str):
 
 
 def test_a_failed_step_prints_the_resume_hint(tmp_path):
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--split", "train", "--num", "16",
-                    "--out", str(tmp_path / "train")], check=True, capture_output=True, timeout=300)
+    make_synthetic(tmp_path / "train", "train", 16)
     printed, escaped = run_distributed(crashing_worker, 1, args=(str(tmp_path / "train"), str(tmp_path / "run")),
                                        timeout_s=300)[0]
     assert escaped == "injected failure"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.harness import run_distributed
+from tests.distributed.harness import make_synthetic, run_distributed
 
 MODEL = dict(num_layers=8, hidden_size=512, ffn_hidden_size=1408, num_attention_heads=8, num_query_groups=4,
              vocab_size=4096, max_seq_len=256)
@@ -162,9 +162,6 @@ def measure_papo_worker(overrides: list[str], layout: dict):
 def papo_data(tmp_path_factory):
     """Synthetic shards and their longest prompt in tokens (the planner's prompt length)."""
     import itertools
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from papo_mega.config import load_config
     from papo_mega.data.prepare import prepare_prompt
@@ -172,10 +169,7 @@ def papo_data(tmp_path_factory):
     from papo_mega.data.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("papo_mem")
-    repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, str(repo / "tools" / "make_synthetic.py"), "--split", "train", "--num",
-                           "64", "--out", str(root), "--samples-per-shard", "32"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    make_synthetic(root, "train", 64, samples_per_shard=32)
     cfg = load_config(None, _papo_recipe(str(root), 4096))
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model)
     stream = ShardStream(str(root), dp_rank=0, dp_size=1, seed=0, shuffle_buffer=0, num_workers=0)

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from papo_mega.distributed.launcher import find_free_port
-from tests.distributed.harness import run_distributed
+from tests.distributed.harness import make_synthetic, run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -37,10 +37,7 @@ def recipe(root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--split", "train",
-                           "--num", "64", "--out", str(root / "train"), "--samples-per-shard", "32"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    make_synthetic(root / "train", "train", 64, samples_per_shard=32)
     (root / "recipe.yaml").write_text("preset: tiny\n")  # the rest comes as overrides
     return root
 
