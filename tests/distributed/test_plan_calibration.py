@@ -182,8 +182,10 @@ def papo_data(tmp_path_factory):
 # planner's chunked log-prob term (algo/logprobs.py) must hold there too. Measured on the development
 # machine: vocab 65536 single 2.13-2.21 GB (planner 2.41, +9..13%; the term it replaced, an fp32
 # copy and gradient of the logits, said 2.91, +37%), vocab 131072 tp2 2.05-2.07 GB (1.95, -5/-6%;
-# the old term +18/+19%). The two cases take ~5 minutes of the suite: the price of a Qwen-sized vocabulary.
-VOCAB_CASES = {"single_vocab64k": ("single", 65536), "tp2_vocab128k": ("tp2", 131072)}
+# the old term +18/+19%). Only the TP2 case runs: each of its ranks holds the same 65536 logit columns
+# as the single-process case did, and sharding them is what can go wrong; the single case cost 240 s
+# of a 42-minute suite (2026-12-07, 2 cores) and checked nothing the TP2 one does not.
+VOCAB_CASES = {"tp2_vocab128k": ("tp2", 131072)}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS) + list(VOCAB_CASES))
