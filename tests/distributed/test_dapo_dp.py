@@ -8,14 +8,11 @@ old code) would run a different number of rollouts and updates than its peer: a 
 the harness's timeout, or a different batch.
 """
 
-from pathlib import Path
-
 import pytest
 
 from tests.distributed.dapo_workers import papo_d_step
 from tests.distributed.harness import assert_tensors_close, make_synthetic, run_distributed
 
-REPO = Path(__file__).resolve().parents[2]
 LOSS_TOL = 1e-5
 LR = 1e-3  # dapo_workers.recipe
 # AdamW's first updates move each weight by about lr * sign(gradient): another batch flips signs and

@@ -21,7 +21,6 @@ import pytest
 from papo_mega.distributed.launcher import find_free_port
 from tests.distributed.harness import make_synthetic, run_distributed
 
-REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 VOLATILE = ("time/", "perf/")  # wall-clock figures differ between runs by nature
 STEPS = 8
